@@ -34,7 +34,8 @@ struct sp_mem_sample {
 /* Create a fresh memory cgroup named "samepage-<tag>-<pid>" and remember
  * the caller's current cgroup so sp_acct_close() can return to it.
  * Returns -EPERM/-ENOENT when cgroups cannot be used (not root, no memory
- * controller); the message says why. */
+ * controller); the message says why. A second open in the same process
+ * is named "samepage-<tag>-<pid>.<n>" (n = 2, 3, ...). */
 int sp_acct_open(struct sp_acct **out, const char *tag, struct sp_error *err);
 
 /* Move pid (0: the calling process) into the run's cgroup. Children
@@ -51,6 +52,17 @@ const char *sp_acct_path(const struct sp_acct *a);
 /* Move the caller back to its original cgroup, then remove the run's
  * cgroup (retrying while exiting tasks drain). Safe with a == NULL. */
 void sp_acct_close(struct sp_acct *a);
+
+/* sp_acct_close() that says how it went: 0 once the run's cgroup is gone,
+ * else -errno (-EBUSY: tasks did not drain within ~2 s) with err filled.
+ * Frees a in every case; safe with a == NULL (returns 0). */
+int sp_acct_release(struct sp_acct *a, struct sp_error *err);
+
+/* Remove leftover "samepage-*" cgroups of runs whose process died without
+ * closing (killed, or a test that failed mid-way): empty ones named with a
+ * pid that no longer exists, in the caller's cgroup and the mount root.
+ * *removed (may be NULL) counts them. 0 or -errno. */
+int sp_acct_reap_stale(unsigned int *removed, struct sp_error *err);
 
 /* One process's view: /proc/PID/smaps_rollup and VmPTE from status. */
 struct sp_proc_mem {
@@ -83,6 +95,11 @@ struct sp_density {
 	/* cross-check */
 	double pss_sum_bytes;        /* Σ PSS of clones (+ owner) */
 };
+/* Fills every field of d. A value that cannot be known (a needed sample
+ * field is -1, clones is 0, the increase is not positive) is NAN; tmpl may
+ * be NULL (no template step: template_bytes = 0). Missing SecPageTables
+ * gives kvm_pagetables_bytes = NAN and is taken as 0 in other_kernel.
+ * See docs/accounting.md. */
 void sp_density_compute(struct sp_density *d, uint32_t clones,
 			uint64_t guest_bytes, const struct sp_mem_sample *base,
 			const struct sp_mem_sample *tmpl,
