@@ -5,7 +5,7 @@
 # `make demo` and `make check` can call it every time.
 set -euo pipefail
 
-pkgs=(build-essential pkg-config clang libxxhash-dev libbsd-dev check gnuplot-nox)
+pkgs=(build-essential pkg-config clang libxxhash-dev libbsd-dev check gnuplot-nox python3)
 
 missing=()
 for p in "${pkgs[@]}"; do
