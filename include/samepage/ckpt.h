@@ -72,6 +72,7 @@ const struct sp_ckpt_info *sp_ckpt_info(const struct sp_ckpt *c);
 int sp_ckpt_fd(const struct sp_ckpt *c);                 /* read-only fd */
 const void *sp_ckpt_vcpu(const struct sp_ckpt *c);       /* vcpu_bytes long */
 const uint64_t *sp_ckpt_hashes(const struct sp_ckpt *c); /* one per page */
+/* 1 if page is marked all-zero, 0 if not, -ERANGE if page >= pages. */
 int sp_ckpt_page_is_zero(const struct sp_ckpt *c, uint64_t page);
 
 /* Recompute every page's hash (and check zero pages are zero). On the
@@ -85,5 +86,50 @@ int sp_ckpt_read_mem(const struct sp_ckpt *c, void *buf, struct sp_error *err);
 
 /* XXH3-64 of one page, as stored in the hash index. */
 uint64_t sp_page_hash(const void *page);
+
+/* --- Additions (sections, fd-based open, re-sealing) --------------------- */
+
+/* Section types of format v1 (docs/format.md). Each appears exactly once. */
+#define SP_CKPT_SEC_VCPU    1u  /* u32 arch, u32 len, len bytes of state */
+#define SP_CKPT_SEC_HASHES  2u  /* u64 XXH3-64 per page, little-endian */
+#define SP_CKPT_SEC_ZEROMAP 3u  /* bitmap, bit set = page is all zero */
+#define SP_CKPT_SEC_MEM     4u  /* guest memory, SP_CKPT_MEM_ALIGN aligned */
+
+/* Limits a v1 reader enforces before allocating anything. */
+#define SP_CKPT_MAX_SECTIONS 16u
+#define SP_CKPT_MAX_HEADER_BYTES (64u << 10)
+#define SP_CKPT_MAX_VCPU_BYTES (1u << 20)
+
+/* One validated section table entry, in host byte order. */
+struct sp_ckpt_section {
+	uint32_t type;            /* SP_CKPT_SEC_* */
+	uint32_t flags;           /* 0 in v1 */
+	uint64_t offset;          /* file offset, bytes */
+	uint64_t bytes;           /* length, bytes */
+};
+
+/* Like sp_ckpt_open() on an already open file (any offset; read with
+ * pread). The checkpoint keeps its own duplicate of fd: the caller still
+ * owns fd and may close it at once. */
+int sp_ckpt_open_fd(int fd, struct sp_ckpt **out, struct sp_error *err);
+
+/* Entry i (0 <= i < nsections) of the section table in file order, or NULL
+ * when i is out of range. */
+const struct sp_ckpt_section *sp_ckpt_section(const struct sp_ckpt *c,
+					      uint32_t i);
+
+/* "vcpu", "hashes", "zeromap", "mem" or "unknown". Never NULL. */
+const char *sp_ckpt_section_name(uint32_t type);
+
+/* "x86_64" or "unknown". Never NULL. */
+const char *sp_ckpt_arch_name(uint32_t arch);
+
+/* Recompute the metadata checksum of the checkpoint open read-write on fd
+ * and store it in the header (stored value in *checksum if not NULL). Only
+ * the structure (header, section table, section bounds and sizes) must be
+ * valid; the metadata contents are not checked. For tests and fuzzing,
+ * which corrupt one field and need the reader to reach the check for that
+ * field rather than stop at the checksum. */
+int sp_ckpt_reseal_fd(int fd, uint64_t *checksum, struct sp_error *err);
 
 #endif
