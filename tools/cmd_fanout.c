@@ -49,6 +49,8 @@ static void usage(FILE *f)
 		"                        and each clone's pid and guest RAM address, keep the\n"
 		"                        clones alive until SIGINT or SIGTERM, then tear down\n"
 		"                        (the table then goes to stderr)\n"
+		"      --ksm             clones mark their guest RAM MADV_MERGEABLE, so Linux\n"
+		"                        KSM may merge it (the merge benchmark's baseline)\n"
 		"  -q, --quiet           no progress lines on stderr\n"
 		"  -h, --help            this text\n"
 		"\n"
@@ -148,6 +150,7 @@ int cmd_fanout(int argc, char **argv)
 		{ "json", no_argument, NULL, 'J' },
 		{ "hold", no_argument, NULL, 'H' },
 		{ "quiet", no_argument, NULL, 'q' },
+		{ "ksm", no_argument, NULL, 'K' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -216,6 +219,9 @@ int cmd_fanout(int argc, char **argv)
 			break;
 		case 'q':
 			o.progress = 0;
+			break;
+		case 'K':
+			o.ksm = 1;
 			break;
 		case 'h':
 			usage(stdout);

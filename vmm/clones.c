@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -73,6 +74,8 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock)
 	if (rc == 0)
 		rc = sp_probe_restore(&p, f->tmpl.ckpt, ram, &err);
 	m.v[0] = now_ns() - t0;
+	if (rc == 0 && f->o.ksm && madvise(ram, f->tmpl.mem_bytes, MADV_MERGEABLE) < 0)
+		rc = sp_error_set(&err, -errno, "madvise(MADV_MERGEABLE): %s", strerror(errno));
 	m.v[1] = (uint64_t)(uintptr_t)ram;
 	m.status = rc;
 	if (rc)

@@ -28,6 +28,8 @@ struct sp_fanout_opts {
 	uint32_t jobs;          /* workloads in flight */
 	uint32_t settle_ms;     /* wait after the last workload, before measuring */
 	int progress;           /* progress lines on stderr */
+	int ksm;                /* clones opt their guest RAM in to Linux KSM
+				   (MADV_MERGEABLE): the comparison baseline */
 };
 
 struct sp_clone {
