@@ -1,0 +1,920 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Tests of the merge engine's core against the in-memory backend
+ * (lib/merge/merge_mem.h): N clones with MAP_PRIVATE semantics, each with a
+ * byte-array model of what its guest wrote. After every engine step every
+ * clone's memory must equal its own model (so no clone ever reads another
+ * clone's data), the engine's invariants must hold (sp_merge_check), the
+ * backend must have seen no contract violation, and after convergence the
+ * saving must be what the model says is achievable.
+ */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include <xxhash.h>
+
+#include "samepage/merge.h"
+#include "lib/merge/merge_mem.h"
+#include "testutil.h"
+
+#define PG SP_MERGE_PAGE_BYTES
+#define MAXVM 16
+
+struct world {
+	struct sp_merge_mem *mm;
+	struct sp_merge_mem_tmpl *mt;
+	struct sp_merge *eng;
+	struct sp_merge_template *et;
+	unsigned char *tpages;
+	uint64_t tnpages, npages;
+	int nvm;
+	struct sp_merge_mem_vm *vm[MAXVM];
+	struct sp_merge_region *reg[MAXVM];
+	uint32_t dom[MAXVM];
+	bool alive[MAXVM];
+	unsigned char *model[MAXVM];
+	unsigned char *touched[MAXVM];
+	uint64_t rng;
+};
+
+static uint64_t rnd(struct world *w)
+{
+	uint64_t x = w->rng;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	w->rng = x;
+	return x;
+}
+
+/* Page content number s: a few of these make the duplicates. */
+static void gen(unsigned char *p, uint64_t s)
+{
+	uint64_t x = s * 0x9e3779b97f4a7c15ull + 12345, i;
+
+	for (i = 0; i < PG / 8; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		memcpy(p + i * 8, &x, 8);
+	}
+}
+
+static void add_vm(struct world *w, int i, uint32_t dom)
+{
+	struct sp_merge_region_desc rd;
+	struct sp_error err = { 0 };
+	uint64_t p;
+
+	ck_assert_int_eq(sp_merge_mem_vm_create(w->mm, w->mt, w->npages,
+						&w->vm[i]), 0);
+	rd.handle = w->vm[i];
+	rd.npages = w->npages;
+	rd.domain = dom;
+	rd.tmpl = w->et;
+	ck_assert_int_eq(sp_merge_region_add(w->eng, &rd, &w->reg[i], &err), 0);
+	w->dom[i] = dom;
+	w->alive[i] = true;
+	w->model[i] = malloc(w->npages * PG);
+	w->touched[i] = calloc(w->npages, 1);
+	ck_assert_ptr_nonnull(w->model[i]);
+	for (p = 0; p < w->npages; p++) {
+		if (p < w->tnpages)
+			memcpy(w->model[i] + p * PG, w->tpages + p * PG, PG);
+		else
+			memset(w->model[i] + p * PG, 0, PG);
+	}
+}
+
+/* nvm clones of npages over a template of tnpages pages, in ndom domains
+ * (clone i in domain i % ndom). The template holds duplicates and zero
+ * pages of its own. */
+static void world_init(struct world *w, int nvm, uint64_t npages,
+		       uint64_t tnpages, int ndom, uint64_t seed)
+{
+	struct sp_merge_template_desc td;
+	struct sp_error err = { 0 };
+	uint64_t p;
+	int i;
+
+	memset(w, 0, sizeof(*w));
+	w->rng = seed * 2654435761u + 1;
+	w->npages = npages;
+	w->tnpages = tnpages;
+	w->tpages = malloc(tnpages * PG);
+	for (p = 0; p < tnpages; p++) {
+		if (p % 7 == 3)
+			memset(w->tpages + p * PG, 0, PG);
+		else if (p % 5 == 1)
+			gen(w->tpages + p * PG, 1000);   /* repeated */
+		else
+			gen(w->tpages + p * PG, 2000 + p);
+	}
+	ck_assert_int_eq(sp_merge_mem_create(1u << 20, &w->mm), 0);
+	ck_assert_int_eq(sp_merge_mem_tmpl_create(w->mm, w->tpages, tnpages,
+						  &w->mt), 0);
+	ck_assert_int_eq(sp_merge_create(sp_merge_mem_ops(), w->mm, &w->eng,
+					 &err), 0);
+	td.handle = w->mt;
+	td.hashes = sp_merge_mem_tmpl_hashes(w->mt);
+	td.npages = tnpages;
+	ck_assert_int_eq(sp_merge_template_add(w->eng, &td, &w->et, &err), 0);
+	w->nvm = nvm;
+	for (i = 0; i < nvm; i++)
+		add_vm(w, i, (uint32_t)(i % ndom));
+}
+
+static void world_fini(struct world *w)
+{
+	int i;
+
+	sp_merge_destroy(w->eng);
+	sp_merge_mem_destroy(w->mm);
+	for (i = 0; i < w->nvm; i++) {
+		free(w->model[i]);
+		free(w->touched[i]);
+	}
+	free(w->tpages);
+}
+
+static void wr(struct world *w, int i, uint64_t p, size_t off,
+	       const void *src, size_t len)
+{
+	ck_assert_int_eq(sp_merge_mem_write(w->vm[i], p, off, src, len), 0);
+	memcpy(w->model[i] + p * PG + off, src, len);
+	w->touched[i][p] = 1;
+}
+
+static int64_t ctl(struct world *w, const char *name)
+{
+	int64_t v = -1;
+
+	ck_assert_int_eq(sp_merge_ctl_get(w->eng, name, &v), 0);
+	return v;
+}
+
+static void set(struct world *w, const char *name, int64_t v)
+{
+	struct sp_error err = { 0 };
+
+	ck_assert_msg(sp_merge_ctl_set(w->eng, name, v, &err) == 0, "%s",
+		      err.msg);
+}
+
+/* Every clone reads exactly its own model; the engine's invariants hold;
+ * the backend saw no contract violation. */
+static void verify(struct world *w, unsigned flags)
+{
+	unsigned char buf[PG];
+	struct sp_merge_mem_stats st;
+	struct sp_error err = { 0 };
+	uint64_t p;
+	int i, rc;
+
+	for (i = 0; i < w->nvm; i++) {
+		if (!w->alive[i])
+			continue;
+		for (p = 0; p < w->npages; p++) {
+			ck_assert_int_eq(sp_merge_mem_read(w->vm[i], p, buf), 0);
+			ck_assert_msg(memcmp(buf, w->model[i] + p * PG, PG) == 0,
+				      "clone %d page %llu differs from its model",
+				      i, (unsigned long long)p);
+		}
+	}
+	rc = sp_merge_check(w->eng, flags, &err);
+	ck_assert_msg(rc == 0, "sp_merge_check: %s", err.msg);
+	sp_merge_mem_stats(w->mm, &st);
+	ck_assert_msg(st.violations == 0, "backend contract: %s", st.violation);
+}
+
+/* Passes until the engine has converged with nothing waiting. */
+static void converge(struct world *w)
+{
+	int n, quiet = 0;
+
+	for (n = 0; n < 400 && quiet < 2; n++) {
+		ck_assert_int_ge(sp_merge_pass(w->eng), 0);
+		verify(w, SP_MERGE_CHECK_CONTENT);
+		if (ctl(w, "stats.merge.converged") == 1 &&
+		    ctl(w, "stats.merge.pages_volatile") == 0)
+			quiet++;
+		else
+			quiet = 0;
+	}
+	ck_assert_msg(quiet >= 2, "engine did not converge in 400 passes");
+}
+
+/* The saving the model says is achievable: every written page equal to a
+ * template page (or zero, with use_zero_pages) saves one; the others, by
+ * domain (or globally with merge_across_domains) and content, save k - 1
+ * per group of k equal pages (k - ceil(k / max_page_sharing) with chains). */
+static int64_t achievable(struct world *w)
+{
+	bool across = ctl(w, "merge.merge_across_domains") != 0;
+	bool zp = ctl(w, "merge.use_zero_pages") != 0;
+	int64_t maxs = ctl(w, "merge.max_page_sharing"), save = 0;
+	static const unsigned char zero[PG];
+	struct ent { uint64_t key, dom; int vm; uint64_t p; } *ents;
+	size_t ne = 0, a, b;
+	uint64_t p, q;
+	int i;
+
+	ents = calloc((size_t)w->nvm * w->npages, sizeof(*ents));
+	for (i = 0; i < w->nvm; i++) {
+		if (!w->alive[i])
+			continue;
+		for (p = 0; p < w->npages; p++) {
+			const unsigned char *c = w->model[i] + p * PG;
+			bool tmpl = false;
+
+			if (!w->touched[i][p])
+				continue;
+			if (zp && memcmp(c, zero, PG) == 0)
+				tmpl = true;
+			for (q = 0; q < w->tnpages && !tmpl; q++)
+				if (memcmp(c, w->tpages + q * PG, PG) == 0)
+					tmpl = true;
+			if (tmpl) {
+				save++;
+				continue;
+			}
+			ents[ne].key = XXH3_64bits(c, PG);
+			ents[ne].dom = across ? 0 : w->dom[i];
+			ents[ne].vm = i;
+			ents[ne].p = p;
+			ne++;
+		}
+	}
+	/* Group equal (domain, content): quadratic, the tests are small. */
+	for (a = 0; a < ne; a++) {
+		int64_t k = 1;
+
+		if (ents[a].vm < 0)
+			continue;
+		for (b = a + 1; b < ne; b++) {
+			if (ents[b].vm < 0 || ents[b].key != ents[a].key ||
+			    ents[b].dom != ents[a].dom)
+				continue;
+			if (memcmp(w->model[ents[a].vm] + ents[a].p * PG,
+				   w->model[ents[b].vm] + ents[b].p * PG, PG))
+				continue;
+			ents[b].vm = -1;
+			k++;
+		}
+		save += k - (k + maxs - 1) / maxs;
+	}
+	free(ents);
+	return save;
+}
+
+static int64_t saving(struct world *w)
+{
+	return ctl(w, "stats.merge.pages_sharing") +
+	       ctl(w, "stats.merge.zero_pages");
+}
+
+/* ---------------------------------------------------------------------- */
+
+START_TEST(test_item_size)
+{
+	ck_assert_uint_le(sp_merge_item_bytes(), 64);
+}
+END_TEST
+
+START_TEST(test_same_runs)
+{
+	struct world w;
+	struct sp_merge_mem_stats st;
+	unsigned char c[PG];
+	uint64_t p, f0 = 0, t;
+	int i;
+
+	world_init(&w, 4, 64, 64, 1, 1);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 10; p < 42; p++) {
+			gen(c, 500 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	verify(&w, 0);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_shared"), 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_sharing"), 3 * 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 0);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	/* Runs onto adjacent frames: one mapping per clone. */
+	sp_merge_mem_stats(w.mm, &st);
+	ck_assert_uint_eq(st.mappings, 4);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 10; p < 42; p++) {
+			ck_assert_int_eq(sp_merge_mem_page_map(w.vm[i], p, &t),
+					 SP_MERGE_FRAME);
+			if (p == 10)
+				f0 = t;
+			ck_assert_uint_eq(t, f0 + (p - 10));
+		}
+	ck_assert_int_gt(ctl(&w, "stats.merge.general_profit"), 0);
+	world_fini(&w);
+}
+END_TEST
+
+START_TEST(test_template_targets)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t t;
+
+	world_init(&w, 2, 32, 32, 2, 2);
+	/* Clone 0: page 4 written, then reverted: back to the template. */
+	memset(c, 0xab, 64);
+	wr(&w, 0, 4, 100, c, 64);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 1);
+	wr(&w, 0, 4, 0, w.tpages + 4 * PG, PG);
+	/* Clone 1 (another domain): page 8 gets template page 9's bytes. */
+	wr(&w, 1, 8, 0, w.tpages + 9 * PG, PG);
+	/* Both clones: page 20 gets template page 9's bytes too. */
+	wr(&w, 0, 20, 0, w.tpages + 9 * PG, PG);
+	wr(&w, 1, 20, 0, w.tpages + 9 * PG, PG);
+	converge(&w);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[0], 4, &t), SP_MERGE_TEMPLATE);
+	ck_assert_uint_eq(t, 4);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[1], 8, &t), SP_MERGE_TEMPLATE);
+	ck_assert_uint_eq(t, 9);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[0], 20, &t), SP_MERGE_TEMPLATE);
+	ck_assert_uint_eq(t, 9);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[1], 20, &t), SP_MERGE_TEMPLATE);
+	/* Template merges cross domains: one node for template page 9. */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_template"), 4);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_shared"), 2);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 0);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	world_fini(&w);
+}
+END_TEST
+
+static void zero_case(int use_zero)
+{
+	struct world w;
+	unsigned char z[PG];
+	uint64_t p, t;
+	int i;
+
+	memset(z, 0, PG);
+	world_init(&w, 3, 24, 8, 1, 3);   /* pages 8.. are zero past the
+					     template; 3 is a zero page */
+	set(&w, "merge.use_zero_pages", use_zero);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 10; p < 14; p++) {
+			unsigned char c[PG];
+
+			gen(c, 77);
+			wr(&w, i, p, 0, c, PG);
+			converge(&w);
+			wr(&w, i, p, 0, z, PG);
+		}
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 12);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 10; p < 14; p++) {
+			int k = sp_merge_mem_page_map(w.vm[i], p, &t);
+
+			/* The template has a zero page (3) of its own. */
+			ck_assert_int_eq(k, use_zero ? SP_MERGE_ZERO
+						     : SP_MERGE_TEMPLATE);
+		}
+	ck_assert_int_eq(ctl(&w, "stats.merge.zero_pages"), use_zero ? 12 : 0);
+	world_fini(&w);
+}
+
+START_TEST(test_zero_pages)
+{
+	zero_case(0);
+	zero_case(1);
+}
+END_TEST
+
+static void domain_case(int across)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p, t;
+	int i, j;
+
+	world_init(&w, 4, 16, 16, 2, 4);
+	if (across)
+		set(&w, "merge.merge_across_domains", 1);
+	for (i = 0; i < w.nvm; i++) {
+		for (p = 2; p < 6; p++) {
+			gen(c, 900 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+		wr(&w, i, 7, 0, w.tpages + 12 * PG, PG);  /* template */
+	}
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	for (p = 2; p < 6; p++) {
+		for (i = 0; i < w.nvm; i++) {
+			uint64_t ti;
+
+			ck_assert_int_eq(sp_merge_mem_page_map(w.vm[i], p, &ti),
+					 SP_MERGE_FRAME);
+			if (!across)
+				ck_assert_uint_eq(sp_merge_mem_frame_domain(w.mm, ti),
+						  w.dom[i]);
+			for (j = 0; j < w.nvm; j++) {
+				sp_merge_mem_page_map(w.vm[j], p, &t);
+				if (w.dom[i] != w.dom[j] && !across)
+					ck_assert_uint_ne(t, ti);
+				else
+					ck_assert_uint_eq(t, ti);
+			}
+		}
+	}
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"),
+			 across ? 4 : 8);
+	/* The template page is shared by all clones, across domains. */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_template"), 4);
+	for (i = 0; i < w.nvm; i++) {
+		ck_assert_int_eq(sp_merge_mem_page_map(w.vm[i], 7, &t),
+				 SP_MERGE_TEMPLATE);
+		ck_assert_uint_eq(t, 12);
+	}
+	world_fini(&w);
+}
+
+START_TEST(test_domains)
+{
+	domain_case(0);
+	domain_case(1);
+}
+END_TEST
+
+START_TEST(test_max_page_sharing)
+{
+	struct world w;
+	unsigned char c[PG];
+	int i;
+
+	world_init(&w, 10, 8, 8, 1, 5);
+	set(&w, "merge.max_page_sharing", 3);
+	gen(c, 4242);
+	for (i = 0; i < w.nvm; i++)
+		wr(&w, i, 5, 0, c, PG);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 4);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_sharing"), 6);
+	ck_assert_int_eq(ctl(&w, "stats.merge.stable_node_chains"), 1);
+	ck_assert_int_eq(ctl(&w, "stats.merge.stable_node_dups"), 4);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	/* Empty nodes one by one (heads included: dups get promoted). */
+	for (i = 0; i < w.nvm; i++) {
+		unsigned char d[PG];
+
+		gen(d, 5000 + (uint64_t)i);
+		wr(&w, i, 5, 0, d, PG);
+		ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+		verify(&w, SP_MERGE_CHECK_CONTENT);
+	}
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.stable_node_chains"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.stable_node_dups"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 10);
+	world_fini(&w);
+}
+END_TEST
+
+START_TEST(test_knobs)
+{
+	static const struct { const char *name; int64_t lo, hi; } k[] = {
+		{ "merge.run", 0, 1 },
+		{ "merge.pages_to_scan", 1, 10000000 },
+		{ "merge.sleep_ms", 0, 60000 },
+		{ "merge.poll_ms", 0, 3600000 },
+		{ "merge.max_page_sharing", 2, 1000000 },
+		{ "merge.use_zero_pages", 0, 1 },
+		{ "merge.merge_across_domains", 0, 1 },
+	};
+	const struct sp_merge_ctl_info *list;
+	struct sp_error err;
+	struct world w;
+	unsigned char c[PG];
+	size_t n, i, j;
+	int64_t v;
+
+	world_init(&w, 2, 8, 8, 2, 6);
+	for (i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
+		memset(&err, 0, sizeof(err));
+		ck_assert_int_eq(sp_merge_ctl_set(w.eng, k[i].name, k[i].lo - 1,
+						  &err), -ERANGE);
+		ck_assert_ptr_nonnull(strstr(err.msg, k[i].name));
+		ck_assert_ptr_nonnull(strstr(err.msg, "out of range"));
+		ck_assert_int_eq(sp_merge_ctl_set(w.eng, k[i].name, k[i].hi + 1,
+						  &err), -ERANGE);
+		ck_assert_int_eq(sp_merge_ctl_set(w.eng, k[i].name, INT64_MIN,
+						  &err), -ERANGE);
+		set(&w, k[i].name, k[i].hi);
+		ck_assert_int_eq(ctl(&w, k[i].name), k[i].hi);
+		set(&w, k[i].name, k[i].lo);
+		ck_assert_int_eq(ctl(&w, k[i].name), k[i].lo);
+	}
+	set(&w, "merge.max_page_sharing", 256);
+	memset(&err, 0, sizeof(err));
+	ck_assert_int_eq(sp_merge_ctl_set(w.eng, "merge.nope", 1, &err), -ENOENT);
+	ck_assert_ptr_nonnull(strstr(err.msg, "merge.nope"));
+	ck_assert_int_eq(sp_merge_ctl_get(w.eng, "stats.merge.nope", &v), -ENOENT);
+	ck_assert_int_eq(sp_merge_ctl_set(w.eng, "stats.merge.pages_sharing", 1,
+					  &err), -EPERM);
+	/* Every listed name reads; names are unique and namespaced. */
+	list = sp_merge_ctl_list(&n);
+	ck_assert_uint_ge(n, 20);
+	for (i = 0; i < n; i++) {
+		ck_assert_int_eq(sp_merge_ctl_get(w.eng, list[i].name, &v), 0);
+		ck_assert(strncmp(list[i].name, "merge.", 6) == 0 ||
+			  strncmp(list[i].name, "stats.merge.", 12) == 0);
+		ck_assert_ptr_nonnull(list[i].doc);
+		for (j = i + 1; j < n; j++)
+			ck_assert_str_ne(list[i].name, list[j].name);
+	}
+	/* Domain-wide knobs refuse to change while frames are in use. */
+	gen(c, 31337);
+	wr(&w, 0, 1, 0, c, PG);
+	wr(&w, 0, 2, 0, c, PG);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 1);
+	memset(&err, 0, sizeof(err));
+	ck_assert_int_eq(sp_merge_ctl_set(w.eng, "merge.merge_across_domains", 1,
+					  &err), -EBUSY);
+	ck_assert_ptr_nonnull(strstr(err.msg, "merge.merge_across_domains"));
+	ck_assert_int_eq(sp_merge_ctl_set(w.eng, "merge.max_page_sharing", 9,
+					  &err), -EBUSY);
+	ck_assert_int_eq(ctl(&w, "merge.merge_across_domains"), 0);
+	/* One page written: the frame stays, mapped by the other (as a KSM
+	 * page stays a KSM page), so still busy. */
+	memset(c, 1, 8);
+	wr(&w, 0, 1, 0, c, 8);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 1);
+	ck_assert_int_eq(sp_merge_ctl_set(w.eng, "merge.merge_across_domains", 1,
+					  &err), -EBUSY);
+	/* Unmerged entirely: allowed, and the unstable tree moves over. */
+	memset(c, 2, 8);
+	wr(&w, 0, 2, 0, c, 8);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 2);
+	set(&w, "merge.merge_across_domains", 1);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	set(&w, "merge.merge_across_domains", 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	world_fini(&w);
+}
+END_TEST
+
+START_TEST(test_region_remove)
+{
+	struct world w;
+	struct sp_merge_mem_stats st;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	world_init(&w, 4, 16, 16, 1, 7);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < 8; p++) {
+			gen(c, 70 + p + (i < 2 ? 0 : 100)); /* pairs of clones */
+			wr(&w, i, p, 0, c, PG);
+		}
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 16);
+	/* Clone 0 dies mid-life: its partner keeps the frames. */
+	sp_merge_mem_vm_kill(w.vm[0]);
+	sp_merge_region_remove(w.eng, w.reg[0]);
+	w.alive[0] = false;
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 16);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_sharing"), 8);
+	/* Clone 1 dies too: those 8 frames are reclaimed. */
+	sp_merge_mem_vm_kill(w.vm[1]);
+	sp_merge_region_remove(w.eng, w.reg[1]);
+	w.alive[1] = false;
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 8);
+	sp_merge_mem_stats(w.mm, &st);
+	ck_assert_uint_eq(st.frames_live, 8);
+	ck_assert_uint_eq(st.frame_slots, 8);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	/* A new clone arrives and joins the survivors' frames. */
+	add_vm(&w, 4, 0);
+	w.nvm = 5;
+	for (p = 0; p < 8; p++) {
+		gen(c, 170 + p);
+		wr(&w, 4, p, 0, c, PG);
+	}
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 8);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	for (i = 2; i < 5; i++) {
+		sp_merge_mem_vm_kill(w.vm[i]);
+		sp_merge_region_remove(w.eng, w.reg[i]);
+		w.alive[i] = false;
+	}
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.rmap_items"), 0);
+	sp_merge_mem_stats(w.mm, &st);
+	ck_assert_uint_eq(st.frames_live, 0);
+	ck_assert_uint_eq(st.frame_slots, 0);
+	ck_assert_int_eq(sp_merge_template_remove(w.eng, w.et), 0);
+	w.et = NULL;
+	world_fini(&w);
+}
+END_TEST
+
+START_TEST(test_volatile)
+{
+	struct world w;
+	unsigned char c[PG];
+	int k;
+
+	world_init(&w, 1, 8, 8, 1, 8);
+	for (k = 0; k < 5; k++) {
+		gen(c, 600 + (uint64_t)k);
+		wr(&w, 0, 3, 0, c, PG);
+		ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+		verify(&w, SP_MERGE_CHECK_CONTENT);
+		if (k == 0) {   /* written once: straight in */
+			ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 1);
+		} else {        /* keeps changing: held back */
+			ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 0);
+			ck_assert_int_eq(ctl(&w, "stats.merge.pages_volatile"), 1);
+		}
+	}
+	/* Rewritten with the same bytes: its checksum says it is stable. */
+	wr(&w, 0, 3, 0, c, PG);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 1);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_volatile"), 0);
+	/* Settles after one quiet pass. */
+	gen(c, 700);
+	wr(&w, 0, 3, 0, c, PG);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	gen(c, 701);
+	wr(&w, 0, 3, 0, c, PG);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_volatile"), 1);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_volatile"), 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 1);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	world_fini(&w);
+}
+END_TEST
+
+START_TEST(test_idle_costs_nothing)
+{
+	struct world w;
+	struct sp_merge_mem_stats a, b;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	world_init(&w, 4, 64, 64, 1, 9);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < 64; p += 3) {
+			gen(c, p * 10 + (uint64_t)(i & 1));
+			wr(&w, i, p, 0, c, PG);
+		}
+	converge(&w);
+	sp_merge_mem_stats(w.mm, &a);
+	int64_t scanned = ctl(&w, "stats.merge.pages_scanned");
+	for (i = 0; i < 10; i++)
+		ck_assert_int_eq(sp_merge_pass(w.eng), 0);
+	sp_merge_mem_stats(w.mm, &b);
+	ck_assert_uint_eq(b.reads, a.reads);        /* nothing reread */
+	ck_assert_uint_eq(b.merge_calls, a.merge_calls);
+	ck_assert_uint_eq(b.changed_calls, a.changed_calls + 10 * 4);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_scanned"), scanned);
+	world_fini(&w);
+}
+END_TEST
+
+/* The guest writes the page while the backend is merging it. */
+static int race_left;
+static void race_hook(void *arg, struct sp_merge_mem_vm *vm, uint64_t page)
+{
+	struct world *w = arg;
+	unsigned char c = 0x5a;
+	int i;
+
+	if (race_left == 0 || page != 6)
+		return;
+	race_left--;
+	for (i = 0; i < w->nvm; i++)
+		if (w->vm[i] == vm)
+			wr(w, i, page, 17, &c, 1);
+}
+
+START_TEST(test_merge_races_write)
+{
+	struct world w;
+	unsigned char c[PG];
+	int i;
+
+	world_init(&w, 3, 8, 8, 1, 10);
+	race_left = 1;
+	sp_merge_mem_set_merge_hook(w.mm, race_hook, &w);
+	gen(c, 8080);
+	for (i = 0; i < w.nvm; i++)
+		wr(&w, i, 6, 0, c, PG);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.merges_failed"), 1);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 1);
+	world_fini(&w);
+}
+END_TEST
+
+/* The model-based test. */
+static void model_run(uint64_t seed, int steps)
+{
+	struct world w;
+	unsigned char c[PG];
+	int s, ndom = 1 + (int)(seed % 3);
+
+	world_init(&w, 6, 40, 32, ndom, seed);
+	set(&w, "merge.max_page_sharing", 1000000);
+	set(&w, "merge.use_zero_pages", (int64_t)(seed & 1));
+	if (seed % 4 == 2)
+		set(&w, "merge.merge_across_domains", 1);
+	sp_merge_mem_set_faults(w.mm, seed, 60, 40, 30);
+	for (s = 0; s < steps; s++) {
+		int ops = (int)(rnd(&w) % 6), o;
+
+		if (s == steps / 2)
+			sp_merge_mem_set_faults(w.mm, seed, 0, 0, 0);
+		for (o = 0; o < ops; o++) {
+			int i = (int)(rnd(&w) % (uint64_t)w.nvm), j;
+			uint64_t p = rnd(&w) % w.npages, q;
+			uint64_t kind = rnd(&w) % 100;
+			size_t off, len;
+
+			if (!w.alive[i])
+				continue;
+			if (kind < 25) {          /* random bytes */
+				off = rnd(&w) % PG;
+				len = 1 + rnd(&w) % (PG - off);
+				for (q = 0; q < len; q++)
+					c[q] = (unsigned char)rnd(&w);
+				wr(&w, i, p, off, c, len);
+			} else if (kind < 50) {   /* same content, same place */
+				gen(c, rnd(&w) % 8);
+				for (j = 0; j < w.nvm; j++)
+					if (w.alive[j] && rnd(&w) % 3)
+						wr(&w, j, p, 0, c, PG);
+			} else if (kind < 65) {   /* same content, scattered */
+				gen(c, 100 + rnd(&w) % 8);
+				for (j = 0; j < w.nvm; j++)
+					if (w.alive[j] && rnd(&w) % 2)
+						wr(&w, j, rnd(&w) % w.npages, 0,
+						   c, PG);
+			} else if (kind < 78) {   /* revert to the template */
+				if (p < w.tnpages)
+					wr(&w, i, p, 0, w.tpages + p * PG, PG);
+			} else if (kind < 85) {   /* another template page */
+				q = rnd(&w) % w.tnpages;
+				wr(&w, i, p, 0, w.tpages + q * PG, PG);
+			} else if (kind < 95) {   /* zeroing */
+				memset(c, 0, PG);
+				wr(&w, i, p, 0, c, PG);
+			} else if (kind < 99) {   /* a small poke */
+				c[0] = (unsigned char)rnd(&w);
+				wr(&w, i, p, rnd(&w) % PG, c, 1);
+			} else if (w.nvm < MAXVM) { /* a clone dies, one arrives */
+				sp_merge_mem_vm_kill(w.vm[i]);
+				sp_merge_region_remove(w.eng, w.reg[i]);
+				w.alive[i] = false;
+				add_vm(&w, w.nvm, (uint32_t)(rnd(&w) % 2));
+				w.nvm++;
+			}
+		}
+		if (rnd(&w) % 4 == 0) {
+			ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+			verify(&w, SP_MERGE_CHECK_CONTENT);
+		} else {
+			ck_assert_int_ge(sp_merge_step(w.eng, 1 + rnd(&w) % 40), 0);
+			verify(&w, 0);
+		}
+	}
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(ctl(&w, "stats.merge.merges_failed") > 0, 1);
+	world_fini(&w);
+}
+
+START_TEST(test_model)
+{
+	model_run((uint64_t)_i + 1, 1500);
+}
+END_TEST
+
+/* The scanner thread: start, converge, change, converge, idle, stop. */
+static void wait_for(struct world *w, const char *name, int64_t want)
+{
+	struct timespec ts = { 0, 1000000 };
+	int n;
+
+	for (n = 0; n < 60000; n++) {   /* generous: a minute */
+		if (ctl(w, name) == want)
+			return;
+		nanosleep(&ts, NULL);
+	}
+	ck_abort_msg("%s never reached %lld (is %lld)", name, (long long)want,
+		     (long long)ctl(w, name));
+}
+
+START_TEST(test_scanner)
+{
+	struct world w;
+	struct sp_error err = { 0 };
+	struct timespec ts = { 0, 100000000 };
+	unsigned char c[PG];
+	int64_t fs1, fs2;
+	uint64_t p;
+	int i;
+
+	world_init(&w, 4, 32, 32, 1, 11);
+	sp_merge_mem_set_copy_reads(w.mm, 1);
+	set(&w, "merge.pages_to_scan", 7);
+	set(&w, "merge.sleep_ms", 0);
+	set(&w, "merge.poll_ms", 5);
+	set(&w, "merge.run", 1);
+	ck_assert_int_eq(sp_merge_start(w.eng, &err), 0);
+	ck_assert_int_eq(sp_merge_start(w.eng, &err), -EALREADY);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < 16; p++) {
+			gen(c, 300 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	sp_merge_kick(w.eng);
+	wait_for(&w, "stats.merge.pages_sharing", 3 * 16);
+	/* Guests keep writing while the scanner runs. */
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < 8; p++)
+			wr(&w, i, p, 0, w.tpages + p * PG, PG);
+	wait_for(&w, "stats.merge.pages_template", 4 * 8);
+	wait_for(&w, "stats.merge.pages_sharing", 3 * 8 + 4 * 8);
+	/* Polls off: once converged, nothing runs until a kick. */
+	set(&w, "merge.poll_ms", 0);
+	wait_for(&w, "stats.merge.converged", 1);
+	nanosleep(&ts, NULL);
+	fs1 = ctl(&w, "stats.merge.full_scans");
+	nanosleep(&ts, NULL);
+	fs2 = ctl(&w, "stats.merge.full_scans");
+	ck_assert_int_eq(fs1, fs2);
+	sp_merge_kick(w.eng);
+	wait_for(&w, "stats.merge.full_scans", fs2 + 1);
+	sp_merge_stop(w.eng);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	world_fini(&w);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+	Suite *s = suite_create("merge");
+	TCase *tc = tcase_create("core");
+
+	tcase_set_timeout(tc, 240);
+	tcase_add_test(tc, test_item_size);
+	tcase_add_test(tc, test_same_runs);
+	tcase_add_test(tc, test_template_targets);
+	tcase_add_test(tc, test_zero_pages);
+	tcase_add_test(tc, test_domains);
+	tcase_add_test(tc, test_max_page_sharing);
+	tcase_add_test(tc, test_knobs);
+	tcase_add_test(tc, test_region_remove);
+	tcase_add_test(tc, test_volatile);
+	tcase_add_test(tc, test_idle_costs_nothing);
+	tcase_add_test(tc, test_merge_races_write);
+	tcase_add_loop_test(tc, test_model, 0, 6);
+	tcase_add_test(tc, test_scanner);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	return sp_test_run(suite());
+}
