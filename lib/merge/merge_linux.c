@@ -1,0 +1,835 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The owner side of the Linux merge backend: the struct sp_merge_ops the
+ * engine calls (see samepage/merge_linux.h). It runs in the process that
+ * holds the engine; clones are other processes.
+ *
+ * Finding changed pages. A clone's RAM is a MAP_PRIVATE mapping of the
+ * template; a page it has written is a private anonymous copy, a page it has
+ * not written (or that was merged) is a file page (template or frame file)
+ * or the zero page. So "changed" is "private anonymous now, and not yet
+ * reported". Per region two bitmaps say which pages were private anonymous
+ * at the last scan (`anon`) and which of those were reported (`seen`); a
+ * scan rebuilds `anon`, forgets `seen` bits of pages that are no longer
+ * private, and changed() reports anon & ~seen in ascending order. A merge
+ * that succeeds clears both bits of its page (it is a file page now, and
+ * its next copy must be reported); a merge refused with -EAGAIN clears
+ * `seen` (the page changed after it was read) and forces the next scan.
+ *
+ * The scan is the PAGEMAP_SCAN ioctl on /proc/PID/pagemap (Linux 6.7+),
+ * asking for ranges of pages that are present or swapped, not file-backed
+ * and not the zero page; where the ioctl is missing it reads the 8-byte
+ * pagemap entries instead. Either costs about 3 ms for a fully touched
+ * 256 MiB clone here, which is too much to repeat for every idle clone. So
+ * the scan is gated by the clone's page-fault counter (/proc/PID/stat
+ * minflt + majflt, 4 µs): a page becomes a private copy only through a
+ * write fault, and KVM's faults happen in the vCPU thread through GUP,
+ * which counts them for that thread. Faults charged to another task
+ * (another process writing through /proc/PID/mem or process_vm_writev, KVM
+ * async page faults run by a kworker) are caught by the periodic rescan
+ * (rescan_ms). A second write to a page that is already a private copy
+ * makes no fault and no new copy; nothing cheap sees it. The revisit knob
+ * re-reports a slice of the private pages every revisit_ms for that case.
+ * docs/merge-linux.md has the measured costs, and why soft-dirty is not used
+ * (clearing it write-protects every PTE and makes KVM drop its mappings).
+ *
+ * Frames. The frame file is a memfd, truncated large and sparse at create;
+ * frame N is its page N. Numbers go up monotonically and are never reused,
+ * so "no frame is handed out while a mapping still names it" holds by
+ * construction. frame_free punches a hole: the memory goes back to the host
+ * (a clone's private copy made from the frame is its own page and stays),
+ * the number stays retired. The file's size bounds the frames ever handed
+ * out (64 GiB: 16 Mi frames by default); then frame_alloc says -ENOSPC.
+ *
+ * Death. A clone's pidfd becomes readable when it exits; changed(),
+ * read_page() and merge() then return -ESRCH and the engine removes the
+ * region and frees its frames. /proc/PID/mem and pagemap are opened at
+ * region_add, so they name that process's memory even if its PID is reused.
+ * An owner that dies costs the clones nothing: their mappings hold the
+ * template and frame file open.
+ *
+ * Locking: the ops run under the engine's lock, one at a time, so region
+ * and frame-allocation state is only touched by the engine's thread (e);
+ * statistics are atomic (a); the rest is constant after creation (c).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "samepage/merge_linux.h"
+
+#define PAGE SP_MERGE_PAGE_BYTES
+
+/* PAGEMAP_SCAN uapi (Linux 6.7, include/uapi/linux/fs.h); defined here
+ * because the build machines carry 6.1 headers. */
+#define SP_PAGE_IS_FILE     (1u << 2)
+#define SP_PAGE_IS_PRESENT  (1u << 3)
+#define SP_PAGE_IS_SWAPPED  (1u << 4)
+#define SP_PAGE_IS_PFNZERO  (1u << 5)
+
+struct sp_page_region {
+	uint64_t start, end, categories;
+};
+
+struct sp_pm_scan_arg {
+	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+
+#define SP_PAGEMAP_SCAN _IOWR('f', 16, struct sp_pm_scan_arg)
+
+/* pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst) */
+#define PM_PRESENT   (1ull << 63)
+#define PM_SWAP      (1ull << 62)
+#define PM_FILE      (1ull << 61)
+#define PM_PFN_MASK  ((1ull << 55) - 1)
+
+#define SCAN_VEC 512
+#define PM_CHUNK 4096
+
+struct sp_merge_linux {
+	int frame_fd;               /* (c) the frame file (memfd) */
+	uint8_t *frames;            /* (c) read-only shared view of it */
+	uint64_t frame_npages;      /* (c) */
+	struct sp_merge_linux_opts o; /* (c) */
+	int scan_ioctl;             /* (c) PAGEMAP_SCAN works */
+	uint64_t zero_pfn;          /* (c) PFN of the zero page; 0: unknown */
+	uint64_t next_frame;        /* (e) next frame number to hand out */
+	struct sp_page_region *vec; /* (e) PAGEMAP_SCAN output */
+	uint64_t *pm;               /* (e) pagemap read buffer, PM_CHUNK */
+	_Atomic uint64_t frames_live, frames_retired, scans, scans_skipped, scan_ns,
+		pages_reported, pages_revisited, merge_batches, merge_ns; /* (a) */
+	_Atomic int nregions;       /* (a) */
+};
+
+struct sp_merge_linux_tmpl {
+	const uint8_t *base;        /* (c) read-only shared mapping */
+	uint64_t npages;            /* (c) */
+};
+
+struct sp_merge_linux_region {
+	pid_t pid;                  /* (c) */
+	int pidfd;                  /* (c) readable once the clone exited */
+	int mem_fd;                 /* (c) /proc/PID/mem */
+	int pagemap_fd;             /* (c) /proc/PID/pagemap */
+	int stat_fd;                /* (c) /proc/PID/stat */
+	uint64_t ram_addr;          /* (c) */
+	uint64_t npages;            /* (c) */
+	sp_merge_linux_apply_fn apply; /* (c) */
+	void *tctx;                 /* (c) */
+	uint64_t *anon;             /* (e) private anonymous at the last scan */
+	uint64_t *seen;             /* (e) reported and still private */
+	uint64_t cursor;            /* (e) next page to report from `anon` */
+	uint64_t faults;            /* (e) fault counter at the last scan */
+	uint64_t scanned_ns;        /* (e) time of the last scan */
+	uint64_t revisit_ns;        /* (e) time of the last revisit */
+	uint64_t revisit_at;        /* (e) revisit cursor */
+	int scanned;                /* (e) at least one scan done */
+	int force;                  /* (e) scan at the next call */
+	int dead;                   /* (e) the clone has exited */
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static size_t words(uint64_t npages)
+{
+	return (size_t)((npages + 63) / 64);
+}
+
+static void bits_set(uint64_t *bm, uint64_t from, uint64_t to)
+{
+	for (uint64_t i = from; i < to; i++)
+		bm[i / 64] |= 1ull << (i % 64);
+}
+
+static void bit_clear(uint64_t *bm, uint64_t i)
+{
+	bm[i / 64] &= ~(1ull << (i % 64));
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/* ---- creation ------------------------------------------------------ */
+
+/* Does PAGEMAP_SCAN work here? Asked on our own pagemap. */
+static int probe_scan_ioctl(void)
+{
+	static uint8_t probe[PAGE] __attribute__((aligned(4096)));
+	struct sp_page_region vec[1];
+	struct sp_pm_scan_arg a = {
+		.size = sizeof(a),
+		.start = (uintptr_t)probe,
+		.end = (uintptr_t)probe + PAGE,
+		.vec = (uintptr_t)vec,
+		.vec_len = 1,
+		.category_mask = SP_PAGE_IS_PRESENT,
+		.return_mask = SP_PAGE_IS_PRESENT,
+	};
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	long r;
+
+	if (fd < 0)
+		return 0;
+	r = ioctl(fd, SP_PAGEMAP_SCAN, &a);
+	close(fd);
+	return r >= 0;
+}
+
+/* The PFN the kernel's zero page has, when pagemap shows PFNs (root). */
+static uint64_t probe_zero_pfn(void)
+{
+	volatile uint8_t *p = mmap(NULL, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint64_t e = 0;
+	int fd;
+
+	if (p == MAP_FAILED)
+		return 0;
+	(void)p[0];
+	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (pread(fd, &e, sizeof(e), (off_t)((uintptr_t)p / PAGE * 8)) != sizeof(e))
+			e = 0;
+		close(fd);
+	}
+	munmap((void *)p, PAGE);
+	return (e & PM_PRESENT) ? e & PM_PFN_MASK : 0;
+}
+
+int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
+			  struct sp_merge_linux **out, struct sp_error *err)
+{
+	struct sp_merge_linux *b;
+	uint64_t bytes;
+	int rc;
+
+	*out = NULL;
+	b = calloc(1, sizeof(*b));
+	if (!b)
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	if (opts)
+		b->o = *opts;
+	if (!b->o.frame_file_bytes)
+		b->o.frame_file_bytes = SP_MERGE_LINUX_FRAME_FILE_BYTES;
+	if (!b->o.revisit_ms)
+		b->o.revisit_ms = 1000;
+	bytes = b->o.frame_file_bytes / PAGE * PAGE;
+	b->frame_npages = bytes / PAGE;
+	b->frames = MAP_FAILED;
+	b->frame_fd = memfd_create("samepage-frames", MFD_CLOEXEC);
+	if (b->frame_fd < 0) {
+		rc = sp_error_set(err, -errno, "memfd_create frame file: %s", strerror(errno));
+		goto fail;
+	}
+	if (bytes == 0 || ftruncate(b->frame_fd, (off_t)bytes) < 0) {
+		rc = sp_error_set(err, bytes ? -errno : -EINVAL, "sizing frame file to %" PRIu64
+				  " bytes: %s", bytes, bytes ? strerror(errno) : "too small");
+		goto fail;
+	}
+	b->frames = mmap(NULL, bytes, PROT_READ, MAP_SHARED | MAP_NORESERVE, b->frame_fd, 0);
+	if (b->frames == MAP_FAILED) {
+		rc = sp_error_set(err, -errno, "mapping frame file: %s", strerror(errno));
+		goto fail;
+	}
+	b->vec = calloc(SCAN_VEC, sizeof(*b->vec));
+	b->pm = calloc(PM_CHUNK, sizeof(*b->pm));
+	if (!b->vec || !b->pm) {
+		rc = sp_error_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	b->scan_ioctl = !(b->o.flags & SP_MERGE_LINUX_PAGEMAP_READ) && probe_scan_ioctl();
+	b->zero_pfn = probe_zero_pfn();
+	*out = b;
+	return 0;
+fail:
+	sp_merge_linux_destroy(b);
+	return rc;
+}
+
+void sp_merge_linux_destroy(struct sp_merge_linux *b)
+{
+	if (!b)
+		return;
+	if (b->frames != MAP_FAILED && b->frames)
+		munmap(b->frames, b->frame_npages * PAGE);
+	close_fd(&b->frame_fd);
+	free(b->vec);
+	free(b->pm);
+	free(b);
+}
+
+int sp_merge_linux_frame_fd(const struct sp_merge_linux *b)
+{
+	return b->frame_fd;
+}
+
+void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_stats *st)
+{
+	struct stat sb;
+
+	memset(st, 0, sizeof(*st));
+	st->frames_live = atomic_load(&b->frames_live);
+	st->frames_retired = atomic_load(&b->frames_retired);
+	if (fstat(b->frame_fd, &sb) == 0)
+		st->frame_file_bytes = (uint64_t)sb.st_blocks * 512;
+	st->scans = atomic_load(&b->scans);
+	st->scans_skipped = atomic_load(&b->scans_skipped);
+	st->scan_ns = atomic_load(&b->scan_ns);
+	st->pages_reported = atomic_load(&b->pages_reported);
+	st->pages_revisited = atomic_load(&b->pages_revisited);
+	st->merge_batches = atomic_load(&b->merge_batches);
+	st->merge_ns = atomic_load(&b->merge_ns);
+	st->scan_ioctl = b->scan_ioctl;
+}
+
+/* ---- templates ----------------------------------------------------- */
+
+int sp_merge_linux_template_add(struct sp_merge_linux *b, int fd, uint64_t offset_bytes,
+				uint64_t npages, struct sp_merge_linux_tmpl **out,
+				struct sp_error *err)
+{
+	struct sp_merge_linux_tmpl *t;
+	void *p;
+
+	(void)b;
+	*out = NULL;
+	if (fd < 0 || npages == 0 || offset_bytes % PAGE)
+		return sp_error_set(err, -EINVAL, "template: bad fd, size or offset");
+	t = calloc(1, sizeof(*t));
+	if (!t)
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	/* A shared read-only view: no copy, and allowed on a write-sealed
+	 * memfd and on a file of a read-only mount. */
+	p = mmap(NULL, npages * PAGE, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd,
+		 (off_t)offset_bytes);
+	if (p == MAP_FAILED) {
+		int e = errno;
+		free(t);
+		return sp_error_set(err, -e, "mapping template read-only: %s", strerror(e));
+	}
+	t->base = p;
+	t->npages = npages;
+	*out = t;
+	return 0;
+}
+
+void sp_merge_linux_template_remove(struct sp_merge_linux *b, struct sp_merge_linux_tmpl *t)
+{
+	(void)b;
+	if (!t)
+		return;
+	munmap((void *)t->base, t->npages * PAGE);
+	free(t);
+}
+
+/* ---- regions ------------------------------------------------------- */
+
+static int open_proc(pid_t pid, const char *what, int flags)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/%d/%s", (int)pid, what);
+	return open(path, flags | O_CLOEXEC);
+}
+
+int sp_merge_linux_region_add(struct sp_merge_linux *b,
+			      const struct sp_merge_linux_region_desc *d,
+			      struct sp_merge_linux_region **out, struct sp_error *err)
+{
+	struct sp_merge_linux_region *r;
+	int rc;
+
+	*out = NULL;
+	if (!d || d->pid <= 0 || d->npages == 0 || d->ram_addr % PAGE || !d->apply ||
+	    (d->tmpl && d->tmpl->npages < d->npages))
+		return sp_error_set(err, -EINVAL, "merge region: bad pid, RAM, template or transport");
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	r->pid = d->pid;
+	r->ram_addr = d->ram_addr;
+	r->npages = d->npages;
+	r->apply = d->apply;
+	r->tctx = d->transport_ctx;
+	r->mem_fd = r->pagemap_fd = r->stat_fd = -1;
+	r->force = 1;
+	r->cursor = d->npages;
+	r->pidfd = (int)syscall(SYS_pidfd_open, d->pid, 0);
+	if (r->pidfd < 0) {
+		rc = sp_error_set(err, -errno, "pidfd_open(%d): %s", (int)d->pid, strerror(errno));
+		goto fail;
+	}
+	r->mem_fd = open_proc(d->pid, "mem", O_RDONLY);
+	if (r->mem_fd >= 0)
+		r->pagemap_fd = open_proc(d->pid, "pagemap", O_RDONLY);
+	if (r->pagemap_fd >= 0)
+		r->stat_fd = open_proc(d->pid, "stat", O_RDONLY);
+	if (r->stat_fd < 0) {
+		rc = sp_error_set(err, errno == ENOENT ? -ESRCH : -errno,
+				  "opening /proc/%d/{mem,pagemap,stat}: %s", (int)d->pid,
+				  strerror(errno));
+		goto fail;
+	}
+	r->anon = calloc(words(d->npages), sizeof(uint64_t));
+	r->seen = calloc(words(d->npages), sizeof(uint64_t));
+	if (!r->anon || !r->seen) {
+		rc = sp_error_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	atomic_fetch_add(&b->nregions, 1);
+	*out = r;
+	return 0;
+fail:
+	r->dead = 1;
+	close_fd(&r->pidfd);
+	close_fd(&r->mem_fd);
+	close_fd(&r->pagemap_fd);
+	close_fd(&r->stat_fd);
+	free(r->anon);
+	free(r->seen);
+	free(r);
+	return rc;
+}
+
+void sp_merge_linux_region_remove(struct sp_merge_linux *b, struct sp_merge_linux_region *r)
+{
+	if (!r)
+		return;
+	atomic_fetch_sub(&b->nregions, 1);
+	close_fd(&r->pidfd);
+	close_fd(&r->mem_fd);
+	close_fd(&r->pagemap_fd);
+	close_fd(&r->stat_fd);
+	free(r->anon);
+	free(r->seen);
+	free(r);
+}
+
+/* Has the clone exited? (Zombies count: their memory is gone.) */
+static int is_dead(struct sp_merge_linux_region *r)
+{
+	struct pollfd pf = { .fd = r->pidfd, .events = POLLIN };
+
+	if (!r->dead && poll(&pf, 1, 0) > 0)
+		r->dead = 1;
+	return r->dead;
+}
+
+/* minflt + majflt of the whole process; 0 on failure (forces a scan). */
+static uint64_t read_faults(struct sp_merge_linux_region *r)
+{
+	char buf[1024];
+	ssize_t n = pread(r->stat_fd, buf, sizeof(buf) - 1, 0);
+	unsigned long long minflt, cminflt, majflt;
+	char *p;
+
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	p = strrchr(buf, ')');   /* the command name may hold anything */
+	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %llu %llu %llu",
+			 &minflt, &cminflt, &majflt) != 3)
+		return 0;
+	return minflt + majflt + 1; /* never 0 */
+}
+
+/* ---- scanning ------------------------------------------------------ */
+
+/* r->anon := pages that are private anonymous, by PAGEMAP_SCAN. */
+static int scan_ioctl(struct sp_merge_linux *b, struct sp_merge_linux_region *r)
+{
+	uint64_t end = r->ram_addr + r->npages * PAGE, at = r->ram_addr;
+
+	while (at < end) {
+		struct sp_pm_scan_arg a = {
+			.size = sizeof(a),
+			.start = at,
+			.end = end,
+			.vec = (uintptr_t)b->vec,
+			.vec_len = SCAN_VEC,
+			.category_inverted = SP_PAGE_IS_FILE | SP_PAGE_IS_PFNZERO,
+			.category_mask = SP_PAGE_IS_FILE | SP_PAGE_IS_PFNZERO,
+			.category_anyof_mask = SP_PAGE_IS_PRESENT | SP_PAGE_IS_SWAPPED,
+			.return_mask = SP_PAGE_IS_PRESENT | SP_PAGE_IS_SWAPPED,
+		};
+		long n = ioctl(r->pagemap_fd, SP_PAGEMAP_SCAN, &a);
+		uint64_t next = a.walk_end;
+
+		if (n < 0)
+			return -errno;
+		for (long i = 0; i < n; i++) {
+			uint64_t s = b->vec[i].start, e = b->vec[i].end;
+			if (s < r->ram_addr || e > end || s >= e)
+				continue;
+			bits_set(r->anon, (s - r->ram_addr) / PAGE, (e - r->ram_addr) / PAGE);
+			if (e > next)
+				next = e; /* walk_end has been seen to lag the ranges */
+		}
+		if (next <= at)
+			return -EIO;
+		at = next;
+	}
+	return 0;
+}
+
+/* The same by reading pagemap entries (kernels before 6.7). */
+static int scan_read(struct sp_merge_linux *b, struct sp_merge_linux_region *r)
+{
+	for (uint64_t p = 0; p < r->npages;) {
+		uint64_t n = r->npages - p < PM_CHUNK ? r->npages - p : PM_CHUNK;
+		ssize_t got = pread(r->pagemap_fd, b->pm, n * 8,
+				    (off_t)((r->ram_addr / PAGE + p) * 8));
+
+		if (got <= 0)
+			return got < 0 ? -errno : -ESRCH;
+		n = (uint64_t)got / 8;
+		for (uint64_t i = 0; i < n; i++) {
+			uint64_t e = b->pm[i];
+			if (!(e & (PM_PRESENT | PM_SWAP)) || (e & PM_FILE))
+				continue;
+			if ((e & PM_PRESENT) && b->zero_pfn && (e & PM_PFN_MASK) == b->zero_pfn)
+				continue;
+			r->anon[(p + i) / 64] |= 1ull << ((p + i) % 64);
+		}
+		p += n;
+	}
+	return 0;
+}
+
+static int scan(struct sp_merge_linux *b, struct sp_merge_linux_region *r)
+{
+	uint64_t t0 = now_ns();
+	int rc;
+
+	memset(r->anon, 0, words(r->npages) * sizeof(uint64_t));
+	rc = b->scan_ioctl ? scan_ioctl(b, r) : scan_read(b, r);
+	if (rc)
+		return is_dead(r) ? -ESRCH : rc;
+	/* pages no longer private were merged or discarded: forget them */
+	for (size_t w = 0; w < words(r->npages); w++)
+		r->seen[w] &= r->anon[w];
+	r->cursor = 0;
+	r->scanned = 1;
+	r->scanned_ns = now_ns();
+	atomic_fetch_add(&b->scans, 1);
+	atomic_fetch_add(&b->scan_ns, r->scanned_ns - t0);
+	return 0;
+}
+
+/* Forget up to revisit_pages reported pages, from a rotating cursor, so
+ * they are reported again. Returns how many. */
+static uint64_t revisit(struct sp_merge_linux *b, struct sp_merge_linux_region *r)
+{
+	uint64_t done = 0, p = r->revisit_at;
+
+	for (uint64_t k = 0; k < r->npages && done < b->o.revisit_pages; k++, p++) {
+		if (p >= r->npages)
+			p = 0;
+		if ((r->seen[p / 64] >> (p % 64)) & 1) {
+			bit_clear(r->seen, p);
+			done++;
+		}
+	}
+	r->revisit_at = p;
+	return done;
+}
+
+static int op_changed(void *ctx, void *region, uint64_t *pages, size_t cap)
+{
+	struct sp_merge_linux *b = ctx;
+	struct sp_merge_linux_region *r = region;
+	size_t n = 0;
+	uint64_t p;
+
+	if (is_dead(r))
+		return -ESRCH;
+	if (r->cursor >= r->npages) {
+		uint64_t t = now_ns(), f = read_faults(r);
+		int due = r->force || !r->scanned || f == 0 || f != r->faults ||
+			  (b->o.flags & SP_MERGE_LINUX_NO_FAULT_GATE) ||
+			  (b->o.rescan_ms && t - r->scanned_ns >= b->o.rescan_ms * 1000000ull);
+		int revisit_due = b->o.revisit_pages &&
+				  t - r->revisit_ns >= b->o.revisit_ms * 1000000ull;
+
+		if (due) {
+			int rc = scan(b, r);
+			if (rc)
+				return rc;
+			r->faults = f;
+			r->force = 0;
+		} else if (!revisit_due) {
+			atomic_fetch_add(&b->scans_skipped, 1);
+			return 0;
+		}
+		if (revisit_due) {
+			atomic_fetch_add(&b->pages_revisited, revisit(b, r));
+			r->revisit_ns = t;
+			r->cursor = 0;
+		}
+	}
+	/* report anon & ~seen from the cursor on */
+	for (p = r->cursor; p < r->npages && n < cap;) {
+		size_t w = (size_t)(p / 64);
+		uint64_t bits = (r->anon[w] & ~r->seen[w]) >> (p % 64);
+
+		if (!bits) {
+			p = (uint64_t)(w + 1) * 64;
+			continue;
+		}
+		p += (uint64_t)__builtin_ctzll(bits);
+		if (p >= r->npages)
+			break;
+		pages[n++] = p;
+		r->seen[w] |= 1ull << (p % 64);
+		p++;
+	}
+	r->cursor = n < cap || p >= r->npages ? r->npages : p;
+	atomic_fetch_add(&b->pages_reported, n);
+	return (int)n;
+}
+
+/* ---- content ------------------------------------------------------- */
+
+static int op_read_page(void *ctx, void *region, uint64_t page, void *buf, const void **out)
+{
+	struct sp_merge_linux_region *r = region;
+	size_t done = 0;
+
+	(void)ctx;
+	if (page >= r->npages)
+		return -EINVAL;
+	if (is_dead(r))
+		return -ESRCH;
+	while (done < PAGE) {
+		ssize_t got = pread(r->mem_fd, (uint8_t *)buf + done, PAGE - done,
+				    (off_t)(r->ram_addr + page * PAGE + done));
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0) {
+			int e = got < 0 ? errno : EIO;
+			/* an exited process's mm reads as EOF or EIO */
+			return is_dead(r) || got == 0 ? -ESRCH : -e;
+		}
+		done += (size_t)got;
+	}
+	*out = buf;
+	return 0;
+}
+
+static int op_read_template(void *ctx, void *tmpl, uint64_t page, void *buf, const void **out)
+{
+	struct sp_merge_linux_tmpl *t = tmpl;
+
+	(void)ctx;
+	(void)buf;
+	if (page >= t->npages)
+		return -EINVAL;
+	*out = t->base + page * PAGE;
+	return 0;
+}
+
+static int op_read_frame(void *ctx, uint64_t frame, void *buf, const void **out)
+{
+	struct sp_merge_linux *b = ctx;
+
+	(void)buf;
+	if (frame >= b->next_frame)
+		return -EINVAL;
+	*out = b->frames + frame * PAGE;
+	return 0;
+}
+
+/* ---- frames -------------------------------------------------------- */
+
+static int op_frame_alloc(void *ctx, uint32_t domain, uint64_t hint, uint64_t *frame)
+{
+	struct sp_merge_linux *b = ctx;
+
+	/* One file for every domain: a frame holds content only, and the
+	 * engine decides which pages may share it. hint can only be honoured
+	 * when it is the next number: lower ones may still be named by a
+	 * mapping, and skipping ahead would waste the file for nothing. */
+	(void)domain;
+	(void)hint;
+	if (b->next_frame >= b->frame_npages)
+		return -ENOSPC;
+	*frame = b->next_frame++;
+	atomic_fetch_add(&b->frames_live, 1);
+	return 0;
+}
+
+static int op_frame_write(void *ctx, uint64_t frame, const void *src)
+{
+	struct sp_merge_linux *b = ctx;
+	size_t done = 0;
+
+	if (frame >= b->next_frame)
+		return -EINVAL;
+	while (done < PAGE) {
+		ssize_t n = pwrite(b->frame_fd, (const uint8_t *)src + done, PAGE - done,
+				   (off_t)(frame * PAGE + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static void op_frame_free(void *ctx, uint64_t frame)
+{
+	struct sp_merge_linux *b = ctx;
+
+	if (frame >= b->next_frame)
+		return;
+	/* Pages still mapped from the frame are unmapped by the punch (the
+	 * engine says none is); private copies made from it are not touched. */
+	fallocate(b->frame_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		  (off_t)(frame * PAGE), PAGE);
+	atomic_fetch_sub(&b->frames_live, 1);
+	atomic_fetch_add(&b->frames_retired, 1);
+}
+
+/* ---- merging ------------------------------------------------------- */
+
+static int op_merge(void *ctx, void *region, struct sp_merge_req *reqs, size_t n)
+{
+	struct sp_merge_linux *b = ctx;
+	struct sp_merge_linux_region *r = region;
+	uint64_t t0 = now_ns();
+	int rc;
+
+	if (is_dead(r))
+		return -ESRCH;
+	rc = r->apply(r->tctx, reqs, n);
+	atomic_fetch_add(&b->merge_batches, 1);
+	atomic_fetch_add(&b->merge_ns, now_ns() - t0);
+	if (rc)
+		return is_dead(r) ? -ESRCH : (rc < 0 ? rc : -EIO);
+	for (size_t i = 0; i < n; i++) {
+		uint64_t p = reqs[i].page;
+
+		if (p >= r->npages)
+			continue;
+		if (reqs[i].result == 0) {
+			/* a file page (or zero page) now: its next copy is news */
+			bit_clear(r->anon, p);
+			bit_clear(r->seen, p);
+		} else if (reqs[i].result == -EAGAIN) {
+			/* written in place since it was read: report it again */
+			bit_clear(r->seen, p);
+			r->force = 1;
+		}
+	}
+	return 0;
+}
+
+static const struct sp_merge_ops linux_ops = {
+	.changed = op_changed,
+	.read_page = op_read_page,
+	.read_template = op_read_template,
+	.read_frame = op_read_frame,
+	.frame_alloc = op_frame_alloc,
+	.frame_write = op_frame_write,
+	.frame_free = op_frame_free,
+	.merge = op_merge,
+};
+
+const struct sp_merge_ops *sp_merge_linux_ops(void)
+{
+	return &linux_ops;
+}
+
+/* ---- vm.max_map_count ---------------------------------------------- */
+
+#define MAP_COUNT_PATH "/proc/sys/vm/max_map_count"
+
+static int read_map_count(int64_t *v)
+{
+	FILE *f = fopen(MAP_COUNT_PATH, "re");
+	long long x;
+	int ok;
+
+	if (!f)
+		return -errno;
+	ok = fscanf(f, "%lld", &x) == 1;
+	fclose(f);
+	if (!ok)
+		return -EIO;
+	*v = x;
+	return 0;
+}
+
+static int write_map_count(int64_t v)
+{
+	char s[32];
+	int fd = open(MAP_COUNT_PATH, O_WRONLY | O_CLOEXEC);
+	int n, rc = 0;
+
+	if (fd < 0)
+		return -errno;
+	n = snprintf(s, sizeof(s), "%lld\n", (long long)v);
+	if (write(fd, s, (size_t)n) != n)
+		rc = -errno;
+	close(fd);
+	return rc;
+}
+
+int sp_merge_linux_raise_map_count(uint64_t target, struct sp_merge_linux_mapcount *saved)
+{
+	int64_t cur;
+	int rc;
+
+	saved->old_count = -1;
+	saved->set_count = -1;
+	if (target > INT32_MAX)
+		return -ERANGE;
+	rc = read_map_count(&cur);
+	if (rc)
+		return rc;
+	if (cur >= (int64_t)target)
+		return 0;
+	rc = write_map_count((int64_t)target);
+	if (rc)
+		return rc;
+	saved->old_count = cur;
+	saved->set_count = (int64_t)target;
+	return 0;
+}
+
+int sp_merge_linux_restore_map_count(const struct sp_merge_linux_mapcount *saved)
+{
+	int64_t cur;
+	int rc;
+
+	if (!saved || saved->old_count < 0)
+		return 0;
+	rc = read_map_count(&cur);
+	if (rc)
+		return rc;
+	if (cur != saved->set_count)
+		return 0; /* someone else changed it since: theirs now */
+	return write_map_count(saved->old_count);
+}
