@@ -161,6 +161,9 @@ struct sp_merge_clone_desc {
 	int tmpl_fd;            /* the template RAM maps; -1: none */
 	uint64_t tmpl_offset;   /* bytes: where page 0 sits in tmpl_fd */
 	int frame_fd;           /* sp_merge_linux_frame_fd() of the owner */
+	int ram_anon;           /* 1: RAM is anonymous memory filled by read()
+				   (fan-out `copy`), not a template mapping:
+				   no page may be returned by MADV_DONTNEED */
 };
 
 struct sp_merge_clone_stats {

@@ -116,8 +116,8 @@ int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 		sp_merge_clone_destroy(c);
 		return sp_error_set(err, -ENOMEM, "out of memory");
 	}
-	/* without a template, RAM is anonymous: no page reads a template */
-	if (c->tmpl_fd < 0)
+	/* anonymous RAM: no page reads the template until merged onto it */
+	if (c->tmpl_fd < 0 || d->ram_anon)
 		memset(c->remapped, 0xff, (d->npages + 63) / 64 * sizeof(uint64_t));
 	*out = c;
 	return 0;

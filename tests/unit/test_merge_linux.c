@@ -495,6 +495,33 @@ START_TEST(template_own_offset_after_remap)
 }
 END_TEST
 
+/* RAM filled by read() (fan-out `copy`): a DONTNEED would zero the page */
+START_TEST(anonymous_ram_maps_template)
+{
+	uint8_t *ram = mmap(NULL, (size_t)NPAGES * PAGE, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct sp_merge_clone_desc d = {
+		.ram = ram, .npages = NPAGES, .tmpl_fd = tmpl_fd,
+		.frame_fd = sp_merge_linux_frame_fd(be), .ram_anon = 1,
+	};
+	struct sp_merge_clone *c;
+	struct sp_merge_req r[4];
+
+	ck_assert(ram != MAP_FAILED);
+	memcpy(ram, tmpl_view, (size_t)NPAGES * PAGE);
+	ck_assert_int_eq(sp_merge_clone_create(&d, &c, NULL), 0);
+	for (unsigned i = 0; i < 4; i++)
+		req_set(&r[i], 20 + i, SP_MERGE_TEMPLATE, 20 + i);
+	ck_assert_int_eq(sp_merge_clone_apply(c, r, 4), 0);
+	for (unsigned i = 0; i < 4; i++)
+		ck_assert_int_eq(r[i].result, 0);
+	ck_assert_mem_eq(ram + 20 * PAGE, tmpl_view + 20 * PAGE, 4 * PAGE);
+	ck_assert_uint_eq(self_pfn(ram + 21 * PAGE), tmpl_pfn(21));
+	sp_merge_clone_destroy(c);
+	munmap(ram, (size_t)NPAGES * PAGE);
+}
+END_TEST
+
 START_TEST(template_other_offset_run)
 {
 	struct kid *k = kid_start();
@@ -1056,6 +1083,7 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, NULL);
 	tcase_add_test(tc, template_own_offset_discard);
 	tcase_add_test(tc, template_own_offset_after_remap);
+	tcase_add_test(tc, anonymous_ram_maps_template);
 	tcase_add_test(tc, template_other_offset_run);
 	tcase_add_test(tc, frame_run_shared_by_two_children);
 	tcase_add_test(tc, zero_pages);
