@@ -11,6 +11,7 @@
 int cmd_ckpt(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_fanout(int argc, char **argv);
+int cmd_ctl(int argc, char **argv);
 
 /* Print "samepage: <msg>" to stderr. */
 void tool_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

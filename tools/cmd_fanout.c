@@ -14,6 +14,7 @@
 
 #include "tools/cmd.h"
 #include "vmm/clones.h"
+#include "vmm/owner.h"
 #include "vmm/probe.h"
 
 #define MiB (1024.0 * 1024.0)
@@ -49,6 +50,15 @@ static void usage(FILE *f)
 		"                        and each clone's pid and guest RAM address, keep the\n"
 		"                        clones alive until SIGINT or SIGTERM, then tear down\n"
 		"                        (the table then goes to stderr)\n"
+		"      --merge           run the merge engine (a KSM equivalent) over the clones\n"
+		"                        once their workloads are done; the table then shows\n"
+		"                        merged pages, saving and time to converge\n"
+		"      --domains K       merge domains, assigned round-robin: frames are shared\n"
+		"                        only within a domain (default 1)\n"
+		"      --merge-knob merge.NAME=VALUE\n"
+		"                        set an engine knob before it starts (docs/knobs.md)\n"
+		"      --ctl-socket PATH the merge owner's control socket for 'samepage ctl'\n"
+		"                        (default " SP_CTL_SOCKET_DEFAULT ")\n"
 		"      --ksm             clones mark their guest RAM MADV_MERGEABLE, so Linux\n"
 		"                        KSM may merge it (the merge benchmark's baseline)\n"
 		"  -q, --quiet           no progress lines on stderr\n"
@@ -92,6 +102,17 @@ static void print_table(FILE *o, const struct sp_fanout *f)
 		   "p50 %.2f ms, p99 %.2f ms, max %.2f ms\n",
 		f->o.concurrency, f->restore_p50_ms, f->restore_p99_ms, f->restore_max_ms);
 	fprintf(o, "template build %.2f s; workloads %.2f s wall\n", f->setup_s, f->workload_wall_s);
+	if (f->o.merge) {
+		const int64_t *m = f->merge_stat;
+		fprintf(o, "merge (%u domain%s): %lld pages merged onto %lld shared targets (%lld back to the template, "
+			   "%lld onto the zero page), %lld unique; saving %.1f MiB\n",
+			f->o.domains ? f->o.domains : 1, f->o.domains > 1 ? "s" : "",
+			(long long)(m[0] + m[1]), (long long)m[3], (long long)m[2], (long long)m[1],
+			(long long)m[4], (double)(m[0] + m[1]) * 4096 / MiB);
+		fprintf(o, "merge: converged in %.2f s (95%% of the saving in %.2f s); CPU %.2f s in the "
+			   "engine, %.2f s in the clones applying merges\n",
+			f->merge_converge_s, f->merge_t95_s, f->merge_owner_cpu_s, f->merge_clones_cpu_s);
+	}
 }
 
 static void print_json(FILE *o, const struct sp_fanout *f, int verified, uint32_t bad)
@@ -120,13 +141,28 @@ static void print_json(FILE *o, const struct sp_fanout *f, int verified, uint32_
 		f->restore_p99_ms, f->restore_max_ms, f->setup_s, f->workload_wall_s);
 	if (verified)
 		fprintf(o, ",\"verified\":true,\"bad_clones\":%u", bad);
+	if (f->o.merge) {
+		const int64_t *m = f->merge_stat;
+		fprintf(o, ",\"merge\":{\"domains\":%u,\"pages_sharing\":%lld,\"zero_pages\":%lld,"
+			   "\"pages_template\":%lld,\"pages_shared\":%lld,\"pages_unshared\":%lld,"
+			   "\"full_scans\":%lld,\"saving_bytes\":%lld,\"converge_s\":%.4f,\"t95_s\":%.4f,"
+			   "\"engine_cpu_s\":%.3f,\"clones_cpu_s\":%.3f}",
+			f->o.domains ? f->o.domains : 1, (long long)m[0], (long long)m[1], (long long)m[2],
+			(long long)m[3], (long long)m[4], (long long)m[5], (long long)(m[0] + m[1]) * 4096,
+			f->merge_converge_s, f->merge_t95_s, f->merge_owner_cpu_s, f->merge_clones_cpu_s);
+	}
 	fprintf(o, "}\n");
 }
 
 static void print_ready(FILE *o, const struct sp_fanout *f)
 {
-	fprintf(o, "{\"ready\":true,\"mode\":\"%s\",\"ram_bytes\":%llu,\"clones\":[",
-		sp_fanout_mode_name(f->o.mode), (unsigned long long)f->tmpl.mem_bytes);
+	fprintf(o, "{\"ready\":true,\"mode\":\"%s\",\"ram_bytes\":%llu,\"cgroup\":\"%s\",",
+		sp_fanout_mode_name(f->o.mode), (unsigned long long)f->tmpl.mem_bytes,
+		f->acct ? sp_acct_path(f->acct) : "");
+	if (f->o.merge)
+		fprintf(o, "\"owner_pid\":%d,\"ctl_socket\":\"%s\",", (int)f->owner_pid,
+			f->o.ctl_path ? f->o.ctl_path : SP_CTL_SOCKET_DEFAULT);
+	fprintf(o, "\"clones\":[");
 	for (uint32_t i = 0; i < f->nclones; i++)
 		fprintf(o, "%s{\"index\":%u,\"pid\":%d,\"ram_addr\":%llu,\"ram_bytes\":%llu}",
 			i ? "," : "", i, (int)f->clone[i].pid,
@@ -151,6 +187,10 @@ int cmd_fanout(int argc, char **argv)
 		{ "hold", no_argument, NULL, 'H' },
 		{ "quiet", no_argument, NULL, 'q' },
 		{ "ksm", no_argument, NULL, 'K' },
+		{ "merge", no_argument, NULL, 'M' },
+		{ "domains", required_argument, NULL, 'D' },
+		{ "merge-knob", required_argument, NULL, 'O' },
+		{ "ctl-socket", required_argument, NULL, 'C' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -165,6 +205,8 @@ int cmd_fanout(int argc, char **argv)
 	unsigned long long v;
 	uint32_t bad = 0;
 	int have_n = 0;
+	const char *knobs[16] = { 0 };
+	size_t nknobs = 0;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "c:n:m:w:k:j:qh", opts, NULL)) != -1) {
@@ -223,6 +265,27 @@ int cmd_fanout(int argc, char **argv)
 		case 'K':
 			o.ksm = 1;
 			break;
+		case 'M':
+			o.merge = 1;
+			break;
+		case 'D':
+			if (tool_parse_u64(optarg, 1, 100000, &v)) {
+				tool_err("--domains '%s': need an integer from 1 to 100000", optarg);
+				return EX_USAGE;
+			}
+			o.domains = (uint32_t)v;
+			break;
+		case 'O':
+			if (nknobs == sizeof(knobs) / sizeof(knobs[0]) - 1 || !strchr(optarg, '=') ||
+			    strncmp(optarg, "merge.", 6)) {
+				tool_err("--merge-knob '%s': need merge.NAME=VALUE (at most 15)", optarg);
+				return EX_USAGE;
+			}
+			knobs[nknobs++] = optarg;
+			break;
+		case 'C':
+			o.ctl_path = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -233,6 +296,19 @@ int cmd_fanout(int argc, char **argv)
 	}
 	if (optind != argc) {
 		tool_err("fanout: unexpected argument '%s'", argv[optind]);
+		return EX_USAGE;
+	}
+	o.knobs = knobs;
+	if ((o.domains || nknobs || o.ctl_path) && !o.merge) {
+		tool_err("fanout: --domains, --merge-knob and --ctl-socket need --merge");
+		return EX_USAGE;
+	}
+	if (o.merge && o.ksm) {
+		tool_err("fanout: --merge and --ksm are alternatives, not a pair");
+		return EX_USAGE;
+	}
+	if (o.merge && o.mode == SP_FANOUT_COPY) {
+		tool_err("fanout: --merge needs --mode cow or cow-huge (copy clones do not map the template)");
 		return EX_USAGE;
 	}
 	if (!o.ckpt_path || !have_n) {

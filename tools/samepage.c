@@ -19,6 +19,7 @@ static const struct {
 	{ "snapshot", cmd_snapshot, "run a probe guest, fill its memory, write a checkpoint" },
 	{ "ckpt", cmd_ckpt, "inspect (info) or check (verify) a checkpoint file" },
 	{ "fanout", cmd_fanout, "restore N clones from one checkpoint and print the density table" },
+	{ "ctl", cmd_ctl, "read and set merge-engine knobs and statistics" },
 };
 
 static void usage(FILE *f)

@@ -3,6 +3,8 @@
  * The clone runner (see clones.h).
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,7 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "samepage/merge_linux.h"
 #include "vmm/clones.h"
+#include "vmm/owner.h"
 #include "vmm/probe.h"
 
 volatile sig_atomic_t sp_fanout_interrupted;
@@ -59,13 +63,72 @@ static int recv_msg(int fd, struct msg *m)
 	return n == (ssize_t)sizeof(*m) ? 0 : -EIO;
 }
 
+/* Receive one message on a clone's merge socket, with an fd if sent. */
+static ssize_t recv_merge(int sock, struct sp_merge_msg *m, int *fd)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { m, sizeof(*m) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *c;
+	ssize_t n;
+
+	*fd = -1;
+	do
+		n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	for (c = CMSG_FIRSTHDR(&mh); n > 0 && c; c = CMSG_NXTHDR(&mh, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+			memcpy(fd, CMSG_DATA(c), sizeof(int));
+	return n;
+}
+
+/* One message from the merge owner: HELLO hands over the frame file,
+ * BATCH asks to apply merges (the vCPU is not running: this process only
+ * runs its guest while serving RUN/VERIFY). Returns -1 once the owner is
+ * gone: the clone then keeps running on the mappings it has. */
+static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
+		       struct sp_merge_clone **ap, struct sp_merge_msg *m)
+{
+	int fd;
+	ssize_t n = recv_merge(sock, m, &fd);
+	size_t hdr = offsetof(struct sp_merge_msg, reqs);
+
+	if (n <= 0)
+		return -1;
+	if (m->type == SP_MERGE_MSG_HELLO && fd >= 0 && !*ap) {
+		struct sp_merge_clone_desc d = {
+			.ram = ram, .npages = f->tmpl.mem_bytes / SP_PAGE_SIZE,
+			.tmpl_fd = f->tmpl.fd, .tmpl_offset = f->tmpl.fd_offset, .frame_fd = fd,
+		};
+		if (sp_merge_clone_create(&d, ap, NULL))
+			close(fd);
+		return 0;
+	}
+	if (fd >= 0)
+		close(fd);
+	if (m->type != SP_MERGE_MSG_BATCH || (size_t)n < hdr || m->n > SP_MERGE_MSG_MAX_REQS ||
+	    (size_t)n != hdr + m->n * sizeof(m->reqs[0]))
+		return 0;
+	if (*ap) {
+		sp_merge_clone_apply(*ap, m->reqs, m->n);
+	} else {
+		for (uint32_t i = 0; i < m->n; i++)
+			m->reqs[i].result = -ENODEV;
+	}
+	m->type = SP_MERGE_MSG_DONE;
+	return send(sock, m, (size_t)n, MSG_NOSIGNAL) == n ? 0 : -1;
+}
+
 /* The clone process: restore, report, then serve the owner's commands. */
 static void __attribute__((noreturn))
-clone_main(const struct sp_fanout *f, uint32_t idx, int sock)
+clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock)
 {
 	struct sp_probe p;
 	struct sp_error err = { 0 };
 	struct msg m = { .type = MSG_RESTORED };
+	struct sp_merge_clone *applier = NULL;
+	struct sp_merge_msg *mm = NULL;
 	void *ram = NULL;
 	uint64_t t0 = now_ns();
 	int rc;
@@ -82,21 +145,43 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock)
 		snprintf(m.text, sizeof(m.text), "clone %u: restore: %.200s", idx, err.msg);
 	if (send_msg(sock, &m) || rc)
 		_exit(1);
+	if (msock >= 0 && !(mm = malloc(sizeof(*mm))))
+		_exit(1);
 	for (;;) {
 		struct msg in, out = { 0 };
-		uint64_t bad = 0, t1;
+		struct pollfd pf[2] = { { .fd = sock, .events = POLLIN },
+					{ .fd = msock, .events = POLLIN } };
+		uint64_t bad = 0, t1, kind = f->o.kind, bp = f->o.bp;
 
+		if (poll(pf, msock >= 0 ? 2 : 1, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (msock >= 0 && pf[1].revents) {
+			if (clone_merge(f, msock, ram, &applier, mm) < 0) {
+				close(msock);
+				msock = -1;
+			}
+			continue;
+		}
+		if (!pf[0].revents)
+			continue;
 		if (recv_msg(sock, &in))
 			break;
+		if (in.v[2]) {
+			kind = in.v[0];
+			bp = in.v[1];
+		}
 		switch (in.type) {
 		case MSG_RUN:
 			t1 = now_ns();
-			rc = sp_probe_workload(&p, f->o.kind, f->o.bp, idx, &err);
+			rc = sp_probe_workload(&p, kind, bp, idx, &err);
 			out.type = MSG_RAN;
 			out.v[0] = now_ns() - t1;
 			break;
 		case MSG_VERIFY:
-			rc = sp_probe_verify(&p, f->o.kind, f->o.bp, idx, &bad, &err);
+			rc = sp_probe_verify(&p, kind, bp, idx, &bad, &err);
 			out.type = MSG_VERIFIED;
 			out.v[0] = bad;
 			break;
@@ -116,30 +201,47 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock)
 
 static int spawn(struct sp_fanout *f, uint32_t idx, struct sp_error *err)
 {
-	int sv[2];
+	int sv[2], mv[2] = { -1, -1 };
 	pid_t pid;
 
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
 		return sp_error_set(err, -errno, "socketpair: %s", strerror(errno));
+	if (f->o.merge && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, mv) < 0) {
+		int e = errno;
+		close(sv[0]);
+		close(sv[1]);
+		return sp_error_set(err, -e, "socketpair: %s", strerror(e));
+	}
 	pid = fork();
 	if (pid < 0) {
 		int e = errno;
 		close(sv[0]);
 		close(sv[1]);
+		if (mv[0] >= 0) {
+			close(mv[0]);
+			close(mv[1]);
+		}
 		return sp_error_set(err, -e, "fork clone %u: %s", idx, strerror(e));
 	}
 	if (pid == 0) {
 		close(sv[0]);
-		for (uint32_t i = 0; i < idx; i++)
+		if (mv[0] >= 0)
+			close(mv[0]);
+		for (uint32_t i = 0; i < idx; i++) {
 			if (f->clone[i].sock >= 0)
 				close(f->clone[i].sock);
+			if (f->clone[i].msock >= 0)
+				close(f->clone[i].msock);
+		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		/* a terminal's ^C reaches the whole group: the owner decides */
 		signal(SIGINT, SIG_IGN);
-		clone_main(f, idx, sv[1]);
+		clone_main(f, idx, sv[1], mv[1]);
 	}
 	close(sv[1]);
-	f->clone[idx] = (struct sp_clone){ .pid = pid, .sock = sv[0], .alive = 1 };
+	if (mv[1] >= 0)
+		close(mv[1]);
+	f->clone[idx] = (struct sp_clone){ .pid = pid, .sock = sv[0], .msock = mv[0], .alive = 1 };
 	f->nclones = idx + 1;
 	return 0;
 }
@@ -302,6 +404,160 @@ int sp_fanout_measure(struct sp_fanout *f, struct sp_error *err)
 	return 0;
 }
 
+/* CPU seconds (user + system) a process has used, from /proc/PID/stat. */
+static double proc_cpu_s(pid_t pid)
+{
+	char path[64], buf[1024], *p;
+	unsigned long long ut = 0, st = 0;
+	FILE *fp;
+	size_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fp = fopen(path, "r");
+	if (!fp)
+		return 0;
+	n = fread(buf, 1, sizeof(buf) - 1, fp);
+	fclose(fp);
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+		return 0;
+	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static const char *const merge_stat_names[6] = {
+	"stats.merge.pages_sharing", "stats.merge.zero_pages", "stats.merge.pages_template",
+	"stats.merge.pages_shared", "stats.merge.pages_unshared", "stats.merge.full_scans",
+};
+
+/* Fork the merge owner over every clone and wait until it serves. */
+static int owner_start(struct sp_fanout *f, struct sp_error *err)
+{
+	struct sp_owner_clone *oc = calloc(f->nclones, sizeof(*oc));
+	int pfd[2];
+	char c;
+	pid_t pid;
+
+	if (!oc)
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	if (pipe2(pfd, O_CLOEXEC) < 0) {
+		free(oc);
+		return sp_error_set(err, -errno, "pipe: %s", strerror(errno));
+	}
+	for (uint32_t i = 0; i < f->nclones; i++)
+		oc[i] = (struct sp_owner_clone){ .pid = f->clone[i].pid, .sock = f->clone[i].msock,
+						 .ram_addr = f->clone[i].ram_addr,
+						 .domain = i % (f->o.domains ? f->o.domains : 1) };
+	pid = fork();
+	if (pid < 0) {
+		int e = errno;
+		free(oc);
+		close(pfd[0]);
+		close(pfd[1]);
+		return sp_error_set(err, -e, "fork merge owner: %s", strerror(e));
+	}
+	if (pid == 0) {
+		struct sp_owner_opts oo = {
+			.tmpl_fd = f->tmpl.fd, .tmpl_offset = f->tmpl.fd_offset,
+			.npages = f->tmpl.mem_bytes / SP_PAGE_SIZE,
+			.hashes = sp_ckpt_hashes(f->tmpl.ckpt), .clones = oc,
+			.nclones = f->nclones,
+			.ctl_path = f->o.ctl_path ? f->o.ctl_path : SP_CTL_SOCKET_DEFAULT,
+			.ready_fd = pfd[1], .knobs = f->o.knobs,
+		};
+		close(pfd[0]);
+		for (uint32_t i = 0; i < f->nclones; i++)
+			close(f->clone[i].sock);
+		prctl(PR_SET_PDEATHSIG, SIGTERM);
+		_exit(sp_owner_main(&oo));
+	}
+	free(oc);
+	close(pfd[1]);
+	for (uint32_t i = 0; i < f->nclones; i++) {
+		close(f->clone[i].msock);
+		f->clone[i].msock = -1;
+	}
+	f->owner_pid = pid;
+	if (read(pfd[0], &c, 1) != 1) {
+		close(pfd[0]);
+		return sp_error_set(err, -EIO, "the merge owner failed to start (see its message above)");
+	}
+	close(pfd[0]);
+	return 0;
+}
+
+/* Poll the owner until the engine says it converged; record when the
+ * saving first reached 95% of where it ended. */
+static int merge_converge(struct sp_fanout *f, struct sp_error *err)
+{
+	const char *path = f->o.ctl_path ? f->o.ctl_path : SP_CTL_SOCKET_DEFAULT;
+	uint64_t t0 = now_ns();
+	double clones0 = 0, clones1 = 0;
+	size_t cap = 1024, n = 0;
+	double *ts = malloc(cap * sizeof(*ts));
+	int64_t *sv = malloc(cap * sizeof(*sv));
+	int64_t conv = 0, scans0 = -1;
+	int rc = 0;
+
+	if (!ts || !sv) {
+		free(ts);
+		free(sv);
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	}
+	for (uint32_t i = 0; i < f->nclones; i++)
+		clones0 += proc_cpu_s(f->clone[i].pid);
+	for (;;) {
+		int64_t v[6];
+		for (int k = 0; k < 6 && rc == 0; k++)
+			rc = sp_ctl_get(path, merge_stat_names[k], &v[k], err);
+		if (rc == 0)
+			rc = sp_ctl_get(path, "stats.merge.converged", &conv, err);
+		if (rc)
+			break;
+		if (scans0 < 0)
+			scans0 = v[5];
+		if (n == cap) {
+			cap *= 2;
+			double *t2 = realloc(ts, cap * sizeof(*ts));
+			int64_t *s2 = realloc(sv, cap * sizeof(*sv));
+			if (!t2 || !s2) {
+				free(t2 ? t2 : ts);
+				free(s2 ? s2 : sv);
+				return sp_error_set(err, -ENOMEM, "out of memory");
+			}
+			ts = t2;
+			sv = s2;
+		}
+		ts[n] = (now_ns() - t0) / 1e9;
+		sv[n++] = v[0] + v[1];
+		memcpy(f->merge_stat, v, sizeof(v));
+		if (conv == 1 && v[5] >= scans0 + 2) {
+			f->merge_converge_s = ts[n - 1];
+			break;
+		}
+		if (sp_fanout_interrupted) {
+			rc = sp_error_set(err, -EINTR, "interrupted");
+			break;
+		}
+		usleep(10000);
+	}
+	if (rc == 0) {
+		int64_t final = sv[n - 1];
+		for (size_t i = 0; i < n; i++)
+			if ((double)sv[i] >= 0.95 * (double)final) {
+				f->merge_t95_s = ts[i];
+				break;
+			}
+		f->merge_owner_cpu_s = proc_cpu_s(f->owner_pid);
+		for (uint32_t i = 0; i < f->nclones; i++)
+			clones1 += proc_cpu_s(f->clone[i].pid);
+		f->merge_clones_cpu_s = clones1 - clones0;
+	}
+	free(ts);
+	free(sv);
+	return rc;
+}
+
 int sp_fanout_start(struct sp_fanout *f, const struct sp_fanout_opts *o,
 		    struct sp_error *err)
 {
@@ -314,11 +570,14 @@ int sp_fanout_start(struct sp_fanout *f, const struct sp_fanout_opts *o,
 	f->tmpl.fd = -1;
 	if (o->clones == 0)
 		return sp_error_set(err, -EINVAL, "need at least one clone");
+	if (o->merge && o->mode == SP_FANOUT_COPY)
+		return sp_error_set(err, -EINVAL,
+				    "--merge needs --mode cow or cow-huge (copy clones do not map the template)");
 	f->clone = calloc(o->clones, sizeof(*f->clone));
 	if (!f->clone)
 		return sp_error_set(err, -ENOMEM, "out of memory for %u clones", o->clones);
 	for (uint32_t i = 0; i < o->clones; i++)
-		f->clone[i].sock = -1;
+		f->clone[i].sock = f->clone[i].msock = -1;
 	/* one socket per clone in the owner */
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < o->clones + 64ull) {
 		rl.rlim_cur = rl.rlim_max;
@@ -352,6 +611,13 @@ int sp_fanout_start(struct sp_fanout *f, const struct sp_fanout_opts *o,
 	rc = run_all(f, err);
 	if (rc)
 		goto fail;
+	if (o->merge) {
+		rc = owner_start(f, err);
+		if (rc == 0)
+			rc = merge_converge(f, err);
+		if (rc)
+			goto fail;
+	}
 	if (o->settle_ms)
 		usleep(o->settle_ms * 1000u);
 	rc = sp_fanout_measure(f, err);
@@ -382,9 +648,47 @@ int sp_fanout_verify(struct sp_fanout *f, uint32_t *bad_clones, struct sp_error 
 	return 0;
 }
 
+static int one(struct sp_fanout *f, uint32_t idx, uint32_t type, uint64_t kind, uint64_t bp,
+	       struct msg *m, struct sp_error *err)
+{
+	struct msg q = { .type = type, .v = { kind, bp, 1 } };
+	uint32_t w;
+
+	if (idx >= f->nclones)
+		return sp_error_set(err, -EINVAL, "no clone %u", idx);
+	if (send_msg(f->clone[idx].sock, &q))
+		return sp_error_set(err, -EPIPE, "clone %u died", idx);
+	return wait_any(f, &idx, 1, &w, m, err);
+}
+
+int sp_fanout_run_one(struct sp_fanout *f, uint32_t idx, uint64_t kind, uint64_t bp,
+		      struct sp_error *err)
+{
+	struct msg m;
+	return one(f, idx, MSG_RUN, kind, bp, &m, err);
+}
+
+int sp_fanout_verify_one(struct sp_fanout *f, uint32_t idx, uint64_t kind, uint64_t bp,
+			 uint64_t *bad_pages, struct sp_error *err)
+{
+	struct msg m;
+	int rc = one(f, idx, MSG_VERIFY, kind, bp, &m, err);
+
+	if (rc == 0)
+		*bad_pages = m.v[0];
+	return rc;
+}
+
 void sp_fanout_stop(struct sp_fanout *f)
 {
 	struct msg ex = { .type = MSG_EXIT };
+
+	if (f->owner_pid > 0) {
+		kill(f->owner_pid, SIGTERM);
+		while (waitpid(f->owner_pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		f->owner_pid = 0;
+	}
 
 	for (uint32_t i = 0; i < f->nclones; i++)
 		if (f->clone[i].sock >= 0)
@@ -392,7 +696,9 @@ void sp_fanout_stop(struct sp_fanout *f)
 	for (uint32_t i = 0; i < f->nclones; i++) {
 		if (f->clone[i].sock >= 0)
 			close(f->clone[i].sock);
-		f->clone[i].sock = -1;
+		if (f->clone[i].msock >= 0)
+			close(f->clone[i].msock);
+		f->clone[i].sock = f->clone[i].msock = -1;
 	}
 	for (uint32_t i = 0; i < f->nclones; i++) {
 		if (f->clone[i].alive) {

@@ -28,13 +28,18 @@ struct sp_fanout_opts {
 	uint32_t jobs;          /* workloads in flight */
 	uint32_t settle_ms;     /* wait after the last workload, before measuring */
 	int progress;           /* progress lines on stderr */
+	int merge;              /* run the merge engine over the clones */
+	uint32_t domains;       /* merge domains, assigned round-robin (>= 1) */
+	const char *ctl_path;   /* the owner's control socket */
+	const char *const *knobs; /* "merge.NAME=VALUE" settings, NULL-ended */
 	int ksm;                /* clones opt their guest RAM in to Linux KSM
 				   (MADV_MERGEABLE): the comparison baseline */
 };
 
 struct sp_clone {
 	pid_t pid;
-	int sock;               /* owner's end */
+	int sock;               /* runner's end of the control socket */
+	int msock;              /* runner's end of the merge socket (-1) */
 	uint64_t ram_addr;      /* guest RAM in the clone's address space */
 	uint64_t restore_ns;    /* restore call to the guest's first exit */
 	uint64_t workload_ns;
@@ -53,7 +58,22 @@ struct sp_fanout {
 	double restore_p50_ms, restore_p99_ms, restore_max_ms;
 	double workload_wall_s;         /* first RUN to last answer */
 	double setup_s;                 /* template build */
+	/* merge (o.merge) */
+	pid_t owner_pid;
+	double merge_converge_s;        /* owner start to the engine's converged flag */
+	double merge_t95_s;             /* owner start to 95% of the final saving */
+	double merge_owner_cpu_s;       /* owner process CPU until converged */
+	double merge_clones_cpu_s;      /* clones' CPU while merging (applying batches) */
+	int64_t merge_stat[6];          /* pages_sharing, zero_pages, pages_template,
+					   pages_shared, pages_unshared, full_scans */
 };
+
+/* Run one clone's workload (kind, bp) again, or verify it against that
+ * model: for tests that change one clone and check the others. */
+int sp_fanout_run_one(struct sp_fanout *f, uint32_t idx, uint64_t kind, uint64_t bp,
+		      struct sp_error *err);
+int sp_fanout_verify_one(struct sp_fanout *f, uint32_t idx, uint64_t kind, uint64_t bp,
+			 uint64_t *bad_pages, struct sp_error *err);
 
 /* Set by a signal handler: waits give up with -EINTR and tear down. */
 extern volatile sig_atomic_t sp_fanout_interrupted;

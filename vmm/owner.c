@@ -1,0 +1,415 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The merge owner (see owner.h): engine + Linux backend + clone transports
+ * + control socket, in one process.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "samepage/merge_linux.h"
+#include "vmm/owner.h"
+
+static volatile sig_atomic_t stop;
+
+static void on_stop(int sig)
+{
+	(void)sig;
+	stop = 1;
+}
+
+struct transport {
+	int sock;
+	struct sp_merge_msg msg;   /* (s) engine thread only: one batch in flight */
+};
+
+/* sp_merge_linux_apply_fn: ship a batch to the clone, wait for results. */
+static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
+{
+	struct transport *t = ctx;
+
+	for (size_t done = 0; done < n;) {
+		size_t k = n - done < SP_MERGE_MSG_MAX_REQS ? n - done : SP_MERGE_MSG_MAX_REQS;
+		size_t bytes = offsetof(struct sp_merge_msg, reqs) + k * sizeof(reqs[0]);
+		ssize_t r;
+
+		t->msg.type = SP_MERGE_MSG_BATCH;
+		t->msg.n = (uint32_t)k;
+		memcpy(t->msg.reqs, reqs + done, k * sizeof(reqs[0]));
+		do
+			r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
+		while (r < 0 && errno == EINTR);
+		if (r != (ssize_t)bytes)
+			return done ? 0 : -EPIPE;
+		do
+			r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
+		while (r < 0 && errno == EINTR);
+		if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DONE || t->msg.n != k) {
+			/* the clone died mid-batch: the rest stays unapplied */
+			for (size_t i = done; i < n; i++)
+				reqs[i].result = -ESRCH;
+			return done ? 0 : -ESRCH;
+		}
+		for (size_t i = 0; i < k; i++)
+			reqs[done + i].result = t->msg.reqs[i].result;
+		done += k;
+	}
+	return 0;
+}
+
+/* Hand the frame file to a clone (it maps frames from it). */
+static void hello(int sock, int frame_fd)
+{
+	struct sp_merge_msg m = { .type = SP_MERGE_MSG_HELLO };
+	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
+	struct iovec iov = { &m, offsetof(struct sp_merge_msg, reqs) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &frame_fd, sizeof(int));
+	(void)sendmsg(sock, &mh, MSG_NOSIGNAL);
+}
+
+static int listen_on(const char *path, struct sp_error *err)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	char dir[sizeof(a.sun_path)];
+	char *slash;
+	int fd;
+
+	if (strlen(path) >= sizeof(a.sun_path))
+		return sp_error_set(err, -ENAMETOOLONG, "control socket path too long: %s", path);
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (slash && slash != dir) {
+		*slash = '\0';
+		mkdir(dir, 0755);
+	}
+	strcpy(a.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return sp_error_set(err, -errno, "socket: %s", strerror(errno));
+	unlink(path);
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(fd, 16) < 0) {
+		int e = errno;
+		close(fd);
+		return sp_error_set(err, -e, "control socket %s: %s", path, strerror(e));
+	}
+	chmod(path, 0600);
+	return fd;
+}
+
+static void put(int fd, const char *s)
+{
+	size_t n = strlen(s);
+	while (n) {
+		ssize_t w = write(fd, s, n);
+		if (w <= 0)
+			return;
+		s += w;
+		n -= (size_t)w;
+	}
+}
+
+static void putf(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void putf(int fd, const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	put(fd, line);
+}
+
+static void backend_stats(int fd, struct sp_merge_linux *b)
+{
+	struct sp_merge_linux_stats st;
+
+	sp_merge_linux_stats_get(b, &st);
+	putf(fd, "stats.backend.frames_live %llu\n", (unsigned long long)st.frames_live);
+	putf(fd, "stats.backend.frames_retired %llu\n", (unsigned long long)st.frames_retired);
+	putf(fd, "stats.backend.frame_file_bytes %llu\n", (unsigned long long)st.frame_file_bytes);
+	putf(fd, "stats.backend.scans %llu\n", (unsigned long long)st.scans);
+	putf(fd, "stats.backend.scans_skipped %llu\n", (unsigned long long)st.scans_skipped);
+	putf(fd, "stats.backend.scan_ns %llu\n", (unsigned long long)st.scan_ns);
+	putf(fd, "stats.backend.pages_reported %llu\n", (unsigned long long)st.pages_reported);
+	putf(fd, "stats.backend.merge_batches %llu\n", (unsigned long long)st.merge_batches);
+	putf(fd, "stats.backend.merge_ns %llu\n", (unsigned long long)st.merge_ns);
+}
+
+/* Serve one control connection. */
+static void serve(int cfd, struct sp_merge *eng, struct sp_merge_linux *b)
+{
+	char req[512], name[256];
+	size_t got = 0;
+	long long v;
+	int64_t val;
+
+	while (got < sizeof(req) - 1) {
+		struct pollfd p = { .fd = cfd, .events = POLLIN };
+		ssize_t r;
+		if (poll(&p, 1, 1000) <= 0)
+			break;
+		r = read(cfd, req + got, sizeof(req) - 1 - got);
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+		if (memchr(req, '\n', got))
+			break;
+	}
+	req[got] = '\0';
+	req[strcspn(req, "\r\n")] = '\0';
+	if (sscanf(req, "get %255s", name) == 1) {
+		int rc = sp_merge_ctl_get(eng, name, &val);
+		if (rc)
+			putf(cfd, "error %d unknown name '%s' (see 'samepage ctl list')\n", -rc, name);
+		else
+			putf(cfd, "ok\n%s %lld\n", name, (long long)val);
+	} else if (sscanf(req, "set %255s %lld", name, &v) == 2) {
+		struct sp_error err = { 0 };
+		int rc = sp_merge_ctl_set(eng, name, (int64_t)v, &err);
+		if (rc)
+			putf(cfd, "error %d %s\n", -rc, err.msg[0] ? err.msg : strerror(-rc));
+		else
+			putf(cfd, "ok\n");
+	} else if (!strcmp(req, "stats") || !strcmp(req, "list")) {
+		size_t n;
+		const struct sp_merge_ctl_info *in = sp_merge_ctl_list(&n);
+		put(cfd, "ok\n");
+		for (size_t i = 0; i < n; i++) {
+			if (req[0] == 'l') {
+				putf(cfd, "%s\t%s\t%lld\t%lld\t%s\n", in[i].name, in[i].writable ? "rw" : "ro",
+				     (long long)in[i].min, (long long)in[i].max, in[i].doc);
+			} else if (sp_merge_ctl_get(eng, in[i].name, &val) == 0) {
+				putf(cfd, "%s %lld\n", in[i].name, (long long)val);
+			}
+		}
+		if (req[0] == 's')
+			backend_stats(cfd, b);
+	} else {
+		putf(cfd, "error %d bad request '%.100s' (get NAME, set NAME VALUE, stats, list)\n",
+		     EINVAL, req);
+	}
+	close(cfd);
+}
+
+int sp_owner_main(const struct sp_owner_opts *o)
+{
+	struct sp_error err = { 0 };
+	struct sp_merge_linux *b = NULL;
+	struct sp_merge_linux_tmpl *bt = NULL;
+	struct sp_merge *eng = NULL;
+	struct sp_merge_template *et = NULL;
+	struct sp_merge_linux_region **br = calloc(o->nclones, sizeof(*br));
+	struct sp_merge_region **er = calloc(o->nclones, sizeof(*er));
+	struct transport *tr = calloc(o->nclones, sizeof(*tr));
+	struct sp_merge_linux_mapcount mc = { -1, -1 };
+	struct sigaction sa = { .sa_handler = on_stop };
+	struct pollfd *pf = NULL;
+	int lfd = -1, status = 1;
+
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	if (!br || !er || !tr) {
+		fprintf(stderr, "samepage: owner: out of memory\n");
+		goto out;
+	}
+	/* each isolated merged page costs two mappings in its clone */
+	sp_merge_linux_raise_map_count(1u << 20, &mc);
+	if (sp_merge_linux_create(NULL, &b, &err) ||
+	    sp_merge_create(sp_merge_linux_ops(), b, &eng, &err) ||
+	    sp_merge_linux_template_add(b, o->tmpl_fd, o->tmpl_offset, o->npages, &bt, &err))
+		goto fail;
+	{
+		struct sp_merge_template_desc td = { .handle = bt, .hashes = o->hashes,
+						     .npages = o->npages };
+		if (sp_merge_template_add(eng, &td, &et, &err))
+			goto fail;
+	}
+	for (uint32_t i = 0; i < o->nclones; i++)
+		hello(o->clones[i].sock, sp_merge_linux_frame_fd(b));
+	for (uint32_t i = 0; i < o->nclones; i++) {
+		struct sp_merge_linux_region_desc bd = {
+			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
+			.npages = o->npages, .tmpl = bt, .apply = ship, .transport_ctx = &tr[i],
+		};
+		struct sp_merge_region_desc rd = { .npages = o->npages,
+						   .domain = o->clones[i].domain, .tmpl = et };
+		tr[i].sock = o->clones[i].sock;
+		if (sp_merge_linux_region_add(b, &bd, &br[i], &err))
+			goto fail;
+		rd.handle = br[i];
+		if (sp_merge_region_add(eng, &rd, &er[i], &err))
+			goto fail;
+	}
+	for (const char *const *k = o->knobs; k && *k; k++) {
+		char name[128];
+		long long v;
+		if (sscanf(*k, "%127[^=]=%lld", name, &v) != 2) {
+			sp_error_set(&err, -EINVAL, "bad knob setting '%s' (NAME=VALUE)", *k);
+			goto fail;
+		}
+		if (sp_merge_ctl_set(eng, name, v, &err))
+			goto fail;
+	}
+	{
+		/* the owner exists to merge: run unless told otherwise */
+		int run_set = 0;
+		for (const char *const *k = o->knobs; k && *k; k++)
+			run_set |= !strncmp(*k, "merge.run=", 10);
+		if (!run_set && sp_merge_ctl_set(eng, "merge.run", 1, &err))
+			goto fail;
+	}
+	lfd = listen_on(o->ctl_path, &err);
+	if (lfd < 0)
+		goto fail;
+	if (sp_merge_start(eng, &err))
+		goto fail;
+	if (o->ready_fd >= 0) {
+		(void)!write(o->ready_fd, "r", 1);
+		close(o->ready_fd);
+	}
+	pf = calloc(o->nclones + 1, sizeof(*pf));
+	if (!pf) {
+		sp_error_set(&err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	while (!stop) {
+		/* the listening socket, and every live clone's merge socket for
+		 * hangups only (the engine thread reads the answers) */
+		pf[0] = (struct pollfd){ .fd = lfd, .events = POLLIN };
+		for (uint32_t i = 0; i < o->nclones; i++)
+			pf[i + 1] = (struct pollfd){ .fd = er[i] ? tr[i].sock : -1, .events = POLLRDHUP };
+		if (poll(pf, o->nclones + 1, -1) <= 0)
+			continue;
+		if (pf[0].revents & POLLIN) {
+			int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+			if (cfd >= 0)
+				serve(cfd, eng, b);
+		}
+		/* a clone that died: forget it, reclaim its frames */
+		for (uint32_t i = 0; i < o->nclones; i++) {
+			if (er[i] && (pf[i + 1].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+				sp_merge_region_remove(eng, er[i]);
+				sp_merge_linux_region_remove(b, br[i]);
+				er[i] = NULL;
+				br[i] = NULL;
+			}
+		}
+	}
+	status = 0;
+	goto out;
+fail:
+	fprintf(stderr, "samepage: merge owner: %s\n", err.msg);
+	if (o->ready_fd >= 0)
+		close(o->ready_fd);
+out:
+	if (eng)
+		sp_merge_stop(eng);
+	if (lfd >= 0) {
+		close(lfd);
+		unlink(o->ctl_path);
+	}
+	for (uint32_t i = 0; eng && i < o->nclones; i++)
+		if (er && er[i])
+			sp_merge_region_remove(eng, er[i]);
+	for (uint32_t i = 0; b && i < o->nclones; i++)
+		if (br && br[i])
+			sp_merge_linux_region_remove(b, br[i]);
+	if (eng && et)
+		sp_merge_template_remove(eng, et);
+	if (eng)
+		sp_merge_destroy(eng);
+	if (b && bt)
+		sp_merge_linux_template_remove(b, bt);
+	if (b)
+		sp_merge_linux_destroy(b);
+	sp_merge_linux_restore_map_count(&mc);
+	free(br);
+	free(er);
+	free(tr);
+	free(pf);
+	return status;
+}
+
+int sp_ctl_request(const char *path, const char *req, char *buf, size_t len,
+		   struct sp_error *err)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	size_t got = 0;
+	int fd, rc = 0;
+	char *nl;
+
+	if (strlen(path) >= sizeof(a.sun_path))
+		return sp_error_set(err, -ENAMETOOLONG, "control socket path too long: %s", path);
+	strcpy(a.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return sp_error_set(err, -errno, "socket: %s", strerror(errno));
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		int e = errno;
+		close(fd);
+		return sp_error_set(err, -e, "no merge owner at %s: %s", path, strerror(e));
+	}
+	put(fd, req);
+	put(fd, "\n");
+	for (;;) {
+		ssize_t r = read(fd, buf + got, len - 1 - got);
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+		if (got == len - 1)
+			break;
+	}
+	close(fd);
+	buf[got] = '\0';
+	nl = strchr(buf, '\n');
+	if (!strncmp(buf, "ok", 2) && nl) {
+		memmove(buf, nl + 1, strlen(nl + 1) + 1);
+		return 0;
+	}
+	if (!strncmp(buf, "error ", 6)) {
+		int e = atoi(buf + 6);
+		char *msg = strchr(buf + 6, ' ');
+		if (nl)
+			*nl = '\0';
+		rc = sp_error_set(err, -(e > 0 ? e : EIO), "%s", msg ? msg + 1 : buf);
+	} else {
+		rc = sp_error_set(err, -EPROTO, "bad answer from %s", path);
+	}
+	return rc;
+}
+
+int sp_ctl_get(const char *path, const char *name, int64_t *val, struct sp_error *err)
+{
+	char req[300], buf[512];
+	const char *sp;
+	int rc;
+
+	snprintf(req, sizeof(req), "get %s", name);
+	rc = sp_ctl_request(path, req, buf, sizeof(buf), err);
+	if (rc)
+		return rc;
+	sp = strchr(buf, ' ');
+	if (!sp)
+		return sp_error_set(err, -EPROTO, "bad answer to '%s'", req);
+	*val = strtoll(sp + 1, NULL, 10);
+	return 0;
+}
