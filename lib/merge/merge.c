@@ -876,6 +876,7 @@ static struct sp_stable *chain_pick(struct sp_merge *e, struct sp_stable *h)
 
 static void to_settle(struct sp_merge *e, struct sp_item *it)
 {
+	TREE_LOCK_ASSERT(e);
 	it->state = ST_SETTLE;
 	it->pass = e->pass;
 	TAILQ_INSERT_TAIL(&e->settle, it, u.later);
@@ -884,6 +885,7 @@ static void to_settle(struct sp_merge *e, struct sp_item *it)
 
 static void to_retry(struct sp_merge *e, struct sp_item *it)
 {
+	TREE_LOCK_ASSERT(e);
 	it->state = ST_RETRY;
 	TAILQ_INSERT_TAIL(&e->retry, it, u.later);
 	e->nretry++;
@@ -893,6 +895,7 @@ static void to_unstable(struct sp_merge *e, struct sp_item *it)
 {
 	struct sp_domain *d = item_region(e, it)->dom;
 
+	TREE_LOCK_ASSERT(e);
 	it->state = ST_UNSTABLE;
 	if (RB_INSERT(sp_utree, &d->unstable, it) != NULL) {
 		/* Cannot happen: (region, page) is unique. */
@@ -955,6 +958,7 @@ static void queue(struct sp_merge *e, struct sp_item *it, struct sp_stable *n)
 static void finish(struct sp_merge *e, struct sp_item *it, struct sp_stable *n,
 		   int res)
 {
+	TREE_LOCK_ASSERT(e);
 	n->npending--;
 	it->state = ST_NONE;
 	if (res == 0) {
@@ -1146,6 +1150,7 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 	bool fresh = it == NULL;
 	uint64_t hash;
 
+	TREE_LOCK_ASSERT(e);
 	if (it != NULL && it->state == ST_PENDING)
 		flush(e);   /* reported again within one step */
 	if (it != NULL) {
@@ -1175,6 +1180,7 @@ static void revisit(struct sp_merge *e, struct sp_item *it)
 	const void *content;
 	uint64_t hash;
 
+	TREE_LOCK_ASSERT(e);
 	it->state = ST_NONE;
 	reserve(e);
 	if (load(e, it, &content, &hash) != 0)

@@ -744,6 +744,65 @@ START_TEST(test_merge_races_write)
 }
 END_TEST
 
+/* docs/knobs.md documents every name the engine lists. */
+START_TEST(test_knobs_documented)
+{
+	const struct sp_merge_ctl_info *list;
+	static char doc[1 << 16];
+	size_t n, i, len;
+	FILE *f = fopen("docs/knobs.md", "r");
+
+	ck_assert_msg(f != NULL, "docs/knobs.md not found (run from the repository root)");
+	len = fread(doc, 1, sizeof(doc) - 1, f);
+	fclose(f);
+	doc[len] = 0;
+	list = sp_merge_ctl_list(&n);
+	for (i = 0; i < n; i++) {
+		const char *name = list[i].name;
+		char want[128];
+
+		if (strncmp(name, "stats.merge.", 12) == 0)
+			snprintf(want, sizeof(want), "`%s`", name + 12);
+		else
+			snprintf(want, sizeof(want), "`%s`", name);
+		ck_assert_msg(strstr(doc, want) != NULL,
+			      "%s is not documented in docs/knobs.md", name);
+	}
+}
+END_TEST
+
+/* A clone dies before its region is removed: the ops on it fail with
+ * -ESRCH; the engine skips it and the other clones are unaffected. */
+START_TEST(test_dead_clone)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	world_init(&w, 3, 16, 16, 1, 12);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < 6; p++) {
+			gen(c, 40 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	/* Clone 0's pages enter the unstable tree, then it dies with its
+	 * pages still the only partners of clone 1's. */
+	ck_assert_int_ge(sp_merge_step(w.eng, 6), 0);
+	sp_merge_mem_vm_kill(w.vm[0]);
+	w.alive[0] = false;
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	ck_assert_int_gt(ctl(&w, "stats.merge.backend_errors"), 0);
+	verify(&w, 0);
+	sp_merge_region_remove(w.eng, w.reg[0]);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 6);
+	world_fini(&w);
+}
+END_TEST
+
 /* The model-based test. */
 static void model_run(uint64_t seed, int steps)
 {
@@ -908,6 +967,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, test_volatile);
 	tcase_add_test(tc, test_idle_costs_nothing);
 	tcase_add_test(tc, test_merge_races_write);
+	tcase_add_test(tc, test_knobs_documented);
+	tcase_add_test(tc, test_dead_clone);
 	tcase_add_loop_test(tc, test_model, 0, 6);
 	tcase_add_test(tc, test_scanner);
 	suite_add_tcase(s, tc);
