@@ -28,6 +28,34 @@
 #define NCL 4
 
 static char ckpt_path[64], ctl_path[64];
+static char saved_map_count[32];
+
+/* The owner raises vm.max_map_count and puts it back when it exits; the
+ * deaths test SIGKILLs an owner, so the suite restores it itself (in the
+ * runner process, whatever the tests did). */
+static void save_map_count(void)
+{
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+
+	if (f) {
+		if (!fgets(saved_map_count, sizeof(saved_map_count), f))
+			saved_map_count[0] = '\0';
+		fclose(f);
+	}
+}
+
+static void restore_map_count(void)
+{
+	FILE *f;
+
+	if (!saved_map_count[0])
+		return;
+	f = fopen("/proc/sys/vm/max_map_count", "w");
+	if (f) {
+		fputs(saved_map_count, f);
+		fclose(f);
+	}
+}
 
 static void setup(void)
 {
@@ -260,6 +288,7 @@ int main(void)
 
 	sp_test_require_kvm();
 	sp_test_require_root("cgroups, pagemap frame numbers, /proc/PID/mem of clones");
+	tcase_add_unchecked_fixture(tc, save_map_count, restore_map_count);
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 180);
 	tcase_add_test(tc, same_merges_and_writes_stay_private);
