@@ -605,6 +605,9 @@ int sp_fanout_start(struct sp_fanout *f, const struct sp_fanout_opts *o,
 		if (rc)
 			goto fail;
 	}
+	rc = sp_vm_prepare(err);
+	if (rc)
+		goto fail;
 	rc = restore_all(f, err);
 	if (rc)
 		goto fail;

@@ -22,6 +22,24 @@ static struct {
 } cpuid;
 static int have_cpuid;
 
+int sp_vm_prepare(struct sp_error *err)
+{
+	int fd, rc = 0;
+
+	if (have_cpuid)
+		return 0;
+	fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return sp_error_set(err, -errno, "open /dev/kvm: %s", strerror(errno));
+	cpuid.head.nent = 256;
+	if (ioctl(fd, KVM_GET_SUPPORTED_CPUID, &cpuid) < 0)
+		rc = sp_error_set(err, -errno, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
+	else
+		have_cpuid = 1;
+	close(fd);
+	return rc;
+}
+
 int sp_vm_available(void)
 {
 	int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);

@@ -38,6 +38,10 @@ struct sp_vcpu_x86 {
 /* 0 if /dev/kvm can be opened, else -errno (e.g. -ENOENT, -EACCES). */
 int sp_vm_available(void);
 
+/* Read what KVM supports (CPUID) once, so that processes forked afterwards
+ * restore without asking again. Optional. */
+int sp_vm_prepare(struct sp_error *err);
+
 /* Create the VM, its RAM slot and its vCPU (CPUID set, registers not). */
 int sp_vm_create(struct sp_vm *vm, void *ram, uint64_t ram_bytes,
 		 struct sp_error *err);
