@@ -302,67 +302,23 @@ static void progress(const struct sp_fanout *f, const char *what, uint32_t done)
 		fprintf(stderr, "samepage: %s %u/%u\n", what, done, n);
 }
 
-static int restore_all(struct sp_fanout *f, struct sp_error *err)
+/* Keep at most k of the first n clones busy at once: start(f, i) begins
+ * clone i's job, finish(f, i, m, ndone) takes its answer. */
+static int in_flight(struct sp_fanout *f, uint32_t n, uint32_t k,
+		     int (*start)(struct sp_fanout *, uint32_t, struct sp_error *),
+		     void (*finish)(struct sp_fanout *, uint32_t, const struct msg *, uint32_t),
+		     struct sp_error *err)
 {
-	uint32_t n = f->o.clones, k = f->o.concurrency ? f->o.concurrency : 1;
 	uint32_t *fly = calloc(k, sizeof(*fly)), nfly = 0, next = 0, done = 0;
-	uint64_t *lat = calloc(n, sizeof(*lat));
-	int rc = 0;
-
-	if (!fly || !lat) {
-		free(fly);
-		free(lat);
-		return sp_error_set(err, -ENOMEM, "out of memory");
-	}
-	while (done < n && rc == 0) {
-		while (nfly < k && next < n) {
-			rc = spawn(f, next, err);
-			if (rc)
-				break;
-			fly[nfly++] = next++;
-		}
-		if (rc)
-			break;
-		uint32_t w;
-		struct msg m;
-		rc = wait_any(f, fly, nfly, &w, &m, err);
-		if (rc)
-			break;
-		struct sp_clone *c = &f->clone[fly[w]];
-		c->restore_ns = m.v[0];
-		c->ram_addr = m.v[1];
-		lat[done++] = m.v[0];
-		fly[w] = fly[--nfly];
-		progress(f, "restored", done);
-	}
-	if (rc == 0) {
-		qsort(lat, n, sizeof(*lat), cmp_u64);
-		f->restore_p50_ms = lat[(n - 1) / 2] / 1e6;
-		f->restore_p99_ms = lat[(uint32_t)((n - 1) * 0.99 + 0.5)] / 1e6;
-		f->restore_max_ms = lat[n - 1] / 1e6;
-	}
-	free(fly);
-	free(lat);
-	return rc;
-}
-
-static int run_all(struct sp_fanout *f, struct sp_error *err)
-{
-	uint32_t n = f->o.clones, k = f->o.jobs ? f->o.jobs : 4;
-	uint32_t *fly = calloc(k, sizeof(*fly)), nfly = 0, next = 0, done = 0;
-	uint64_t t0 = now_ns();
-	struct msg run = { .type = MSG_RUN };
 	int rc = 0;
 
 	if (!fly)
 		return sp_error_set(err, -ENOMEM, "out of memory");
 	while (done < n && rc == 0) {
-		while (nfly < k && next < n) {
-			if (send_msg(f->clone[next].sock, &run)) {
-				rc = sp_error_set(err, -EPIPE, "clone %u died", next);
-				break;
-			}
-			fly[nfly++] = next++;
+		while (nfly < k && next < n && rc == 0) {
+			rc = start(f, next, err);
+			if (rc == 0)
+				fly[nfly++] = next++;
 		}
 		if (rc)
 			break;
@@ -371,14 +327,63 @@ static int run_all(struct sp_fanout *f, struct sp_error *err)
 		rc = wait_any(f, fly, nfly, &w, &m, err);
 		if (rc)
 			break;
-		f->clone[fly[w]].workload_ns = m.v[0];
+		finish(f, fly[w], &m, ++done);
 		fly[w] = fly[--nfly];
-		done++;
-		if (f->o.kind != SP_WL_NONE)
-			progress(f, "workload done in", done);
 	}
-	f->workload_wall_s = (now_ns() - t0) / 1e9;
 	free(fly);
+	return rc;
+}
+
+static void restored(struct sp_fanout *f, uint32_t i, const struct msg *m, uint32_t ndone)
+{
+	f->clone[i].restore_ns = m->v[0];
+	f->clone[i].ram_addr = m->v[1];
+	progress(f, "restored", ndone);
+}
+
+static int restore_all(struct sp_fanout *f, struct sp_error *err)
+{
+	uint32_t n = f->o.clones;
+	uint64_t *lat;
+	int rc = in_flight(f, n, f->o.concurrency ? f->o.concurrency : 1, spawn, restored, err);
+
+	if (rc)
+		return rc;
+	lat = calloc(n, sizeof(*lat));
+	if (!lat)
+		return sp_error_set(err, -ENOMEM, "out of memory");
+	for (uint32_t i = 0; i < n; i++)
+		lat[i] = f->clone[i].restore_ns;
+	qsort(lat, n, sizeof(*lat), cmp_u64);
+	f->restore_p50_ms = lat[(n - 1) / 2] / 1e6;
+	f->restore_p99_ms = lat[(uint32_t)((n - 1) * 0.99 + 0.5)] / 1e6;
+	f->restore_max_ms = lat[n - 1] / 1e6;
+	free(lat);
+	return 0;
+}
+
+static int start_run(struct sp_fanout *f, uint32_t i, struct sp_error *err)
+{
+	struct msg run = { .type = MSG_RUN };
+
+	if (send_msg(f->clone[i].sock, &run))
+		return sp_error_set(err, -EPIPE, "clone %u died", i);
+	return 0;
+}
+
+static void ran(struct sp_fanout *f, uint32_t i, const struct msg *m, uint32_t ndone)
+{
+	f->clone[i].workload_ns = m->v[0];
+	if (f->o.kind != SP_WL_NONE)
+		progress(f, "workload done in", ndone);
+}
+
+static int run_all(struct sp_fanout *f, struct sp_error *err)
+{
+	uint64_t t0 = now_ns();
+	int rc = in_flight(f, f->o.clones, f->o.jobs ? f->o.jobs : 4, start_run, ran, err);
+
+	f->workload_wall_s = (now_ns() - t0) / 1e9;
 	return rc;
 }
 
