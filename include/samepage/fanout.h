@@ -15,8 +15,9 @@
  * into a memfd and seals it (F_SEAL_WRITE, F_SEAL_SHRINK, F_SEAL_GROW,
  * F_SEAL_SEAL): no process, root included, can change it while it lives.
  * `cow-huge` copies it into a file on a private tmpfs (huge=always),
- * mounted in a mount namespace of the run's own, and remounts that tmpfs
- * read-only before any clone maps it. Every page's XXH3-64 is checked
+ * mounted in a mount namespace of the run's own, remounts that tmpfs
+ * read-only before any clone maps it, then detaches the mount and removes
+ * its mount point: only the open file descriptor reaches the template. Every page's XXH3-64 is checked
  * against the checkpoint's index while copying.
  */
 #ifndef SAMEPAGE_FANOUT_H
@@ -44,7 +45,8 @@ struct sp_template {
 	uint64_t mem_bytes;           /* (c) guest RAM size */
 	int fd;                       /* (c) template fd (ckpt fd in copy mode) */
 	uint64_t fd_offset;           /* (c) where guest RAM starts in fd */
-	char mnt[PATH_MAX];           /* (c) cow-huge: private tmpfs mount */
+	char mnt[PATH_MAX];           /* cow-huge: the tmpfs mount point while
+					 the template is being built */
 	int mounted;
 	int ns_private;               /* we moved into our own mount namespace */
 };

@@ -167,6 +167,13 @@ static int open_huge(struct sp_template *t, struct sp_error *err)
 	if (t->fd < 0)
 		return sp_error_set(err, -errno, "open %s: %s", file, strerror(errno));
 	t->fd_offset = 0;
+	/* Nothing needs the path any more: detach the mount and remove the
+	 * mount point now, so that even a run killed with SIGKILL leaves
+	 * nothing behind. The open fd keeps the (read-only) file alive. */
+	umount2(t->mnt, MNT_DETACH);
+	t->mounted = 0;
+	rmdir(t->mnt);
+	t->mnt[0] = '\0';
 	return 0;
 }
 
