@@ -10,7 +10,10 @@
 #
 # Writes bench/results/fanout-*.json, bench/results/density.json,
 # bench/results/density.md (the README table) and bench/results/density.png.
-# BENCH_NS="8 50" limits the sizes; BENCH_LAT_N sets the latency sample.
+# BENCH_NS="8 50" limits the sizes; BENCH_LAT_N sets the latency sample;
+# BENCH_REPORT_ONLY=1 only rebuilds the table and chart from the JSON files;
+# BENCH_MERGE=0 skips the merge-engine-vs-KSM benchmark (bench/merge.sh)
+# that otherwise runs at the end.
 set -euo pipefail
 B=${B:-build}
 SP=$B/samepage
@@ -22,10 +25,13 @@ mkdir -p "$OUT"
 tmp=$(mktemp -d /tmp/samepage-bench.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 
+runs=()
+if [ "${BENCH_REPORT_ONLY:-0}" = 1 ]; then
+	runs=("$OUT"/fanout-*.json)
+else
 [ -e /dev/kvm ] || { echo "bench: /dev/kvm is missing" >&2; exit 69; }
 "$SP" snapshot --mem 256M -o "$tmp/golden.ckpt"
 
-runs=()
 fan() { # name mode N workload concurrency
 	local f="$OUT/fanout-$1.json"
 	echo "bench: $1 ($3 clones, $2, $4, concurrency $5)" >&2
@@ -48,6 +54,7 @@ for mode in cow cow-huge; do
 		fan "latency-$mode-c$k" "$mode" "$LAT_N" none "$k"
 	done
 done
+fi
 
 # one JSON array, one markdown table, one chart
 {
@@ -110,7 +117,7 @@ for mode in copy cow cow-huge; do
 done
 if command -v gnuplot >/dev/null; then
 	gnuplot <<GP
-set terminal pngcairo size 900,540 font ",11"
+set terminal pngcairo size 900,540 font ",11" noenhanced
 set output "$OUT/density.png"
 set title "samepage fan-out: host memory per 256 MiB clone (workload: read every page)"
 set xlabel "clones alive at once (N)"
@@ -125,3 +132,6 @@ plot "$tmp/copy.dat" using 1:(\$2/1048576) with linespoints lw 2 pt 7 title "cop
 GP
 fi
 cat "$OUT/density.md"
+if [ "${BENCH_MERGE:-1}" = 1 ] && [ "${BENCH_REPORT_ONLY:-0}" != 1 ] && [ -f bench/merge.sh ]; then
+	B=$B OUT=$OUT bash bench/merge.sh
+fi
