@@ -2,6 +2,7 @@
 /*
  * The clone runner (see clones.h).
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -409,25 +410,36 @@ int sp_fanout_measure(struct sp_fanout *f, struct sp_error *err)
 	return 0;
 }
 
-/* CPU seconds (user + system) a process has used, from /proc/PID/stat. */
+/* CPU seconds a process has used: the sum over its threads of the run
+ * time in /proc/PID/task/TID/schedstat (nanoseconds; /proc/PID/stat counts
+ * only whole clock ticks, too coarse for short merges). */
 static double proc_cpu_s(pid_t pid)
 {
-	char path[64], buf[1024], *p;
-	unsigned long long ut = 0, st = 0;
-	FILE *fp;
-	size_t n;
+	char path[96];
+	struct dirent *de;
+	double sum = 0;
+	DIR *d;
 
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fp = fopen(path, "r");
-	if (!fp)
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	d = opendir(path);
+	if (!d)
 		return 0;
-	n = fread(buf, 1, sizeof(buf) - 1, fp);
-	fclose(fp);
-	buf[n] = '\0';
-	p = strrchr(buf, ')');
-	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
-		return 0;
-	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+	while ((de = readdir(d)) != NULL) {
+		unsigned long long ns = 0;
+		FILE *fp;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%.20s/schedstat", (int)pid, de->d_name);
+		fp = fopen(path, "r");
+		if (!fp)
+			continue;
+		if (fscanf(fp, "%llu", &ns) == 1)
+			sum += (double)ns / 1e9;
+		fclose(fp);
+	}
+	closedir(d);
+	return sum;
 }
 
 static const char *const merge_stat_names[6] = {
@@ -501,24 +513,38 @@ static int merge_converge(struct sp_fanout *f, struct sp_error *err)
 	size_t cap = 1024, n = 0;
 	double *ts = malloc(cap * sizeof(*ts));
 	int64_t *sv = malloc(cap * sizeof(*sv));
+	char *buf = malloc(16384);
 	int64_t conv = 0, scans0 = -1;
 	int rc = 0;
 
-	if (!ts || !sv) {
+	if (!ts || !sv || !buf) {
 		free(ts);
 		free(sv);
+		free(buf);
 		return sp_error_set(err, -ENOMEM, "out of memory");
 	}
 	for (uint32_t i = 0; i < f->nclones; i++)
 		clones0 += proc_cpu_s(f->clone[i].pid);
 	for (;;) {
-		int64_t v[6];
-		for (int k = 0; k < 6 && rc == 0; k++)
-			rc = sp_ctl_get(path, merge_stat_names[k], &v[k], err);
-		if (rc == 0)
-			rc = sp_ctl_get(path, "stats.merge.converged", &conv, err);
+		int64_t v[6] = { 0 };
+		/* one "stats" request per poll: the owner answers every name */
+		rc = sp_ctl_request(path, "stats", buf, 16384, err);
 		if (rc)
 			break;
+		for (char *line = buf; line && *line;) {
+			char *nl = strchr(line, '\n'), *sp = strchr(line, ' ');
+			if (nl)
+				*nl = '\0';
+			if (sp) {
+				*sp = '\0';
+				for (int k = 0; k < 6; k++)
+					if (!strcmp(line, merge_stat_names[k]))
+						v[k] = strtoll(sp + 1, NULL, 10);
+				if (!strcmp(line, "stats.merge.converged"))
+					conv = strtoll(sp + 1, NULL, 10);
+			}
+			line = nl ? nl + 1 : NULL;
+		}
 		if (scans0 < 0)
 			scans0 = v[5];
 		if (n == cap) {
@@ -528,6 +554,7 @@ static int merge_converge(struct sp_fanout *f, struct sp_error *err)
 			if (!t2 || !s2) {
 				free(t2 ? t2 : ts);
 				free(s2 ? s2 : sv);
+				free(buf);
 				return sp_error_set(err, -ENOMEM, "out of memory");
 			}
 			ts = t2;
@@ -560,6 +587,7 @@ static int merge_converge(struct sp_fanout *f, struct sp_error *err)
 	}
 	free(ts);
 	free(sv);
+	free(buf);
 	return rc;
 }
 
