@@ -53,7 +53,7 @@ expect_exit 65 "fanout truncated checkpoint" "$SP" fanout --ckpt "$tmp/trunc.ckp
 "$SP" fanout --help | grep -q -- '--hold' && ok "fanout --help documents --hold" || fail "fanout --help"
 
 # --json: one object with the table's fields, consistent arithmetic
-expect_exit 0 "fanout --json" "$SP" fanout --ckpt "$tmp/g.ckpt" --clones 3 --mode cow --workload write:5% --json --quiet --verify
+expect_exit 0 "fanout --json" "$SP" fanout --ckpt "$tmp/g.ckpt" --clones 3 --mode cow --workload write:25% --json --quiet --verify
 if python3 - "$tmp/out" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -63,8 +63,8 @@ assert d["clones"] == 3 and d["naive_bytes"] == 3 * 16 * 2**20
 assert d["verified"] is True and d["bad_clones"] == 0
 assert abs(d["per_vm_bytes"] - (d["increase_bytes"] - d["template_bytes"]) / 3) < 2
 assert abs(d["ratio"] - d["naive_bytes"] / d["increase_bytes"]) < 0.01
-# each clone wrote 5% of its pages with data of its own: at least that much is private
-assert d["breakdown"]["private_anon_bytes"] >= 3 * 0.04 * 14 * 2**20, d["breakdown"]
+# each clone wrote ~25% of its pages (in runs) with data of its own: at least 15% is private
+assert d["breakdown"]["private_anon_bytes"] >= 3 * 0.15 * 14 * 2**20, d["breakdown"]
 PY
 then ok "--json fields and arithmetic"; else fail "--json content: $(cat "$tmp/out")"; fi
 

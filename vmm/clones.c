@@ -192,7 +192,7 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock)
 		}
 		out.status = rc;
 		if (rc)
-			snprintf(out.text, sizeof(out.text), "clone %u: %.200s", idx, err.msg);
+			snprintf(out.text, sizeof(out.text), "%.240s", err.msg);
 		if (send_msg(sock, &out))
 			break;
 	}

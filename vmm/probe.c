@@ -124,6 +124,11 @@ int sp_probe_config_read(const void *ram, uint64_t ram_bytes,
 		return sp_error_set(err, -EBADMSG,
 				    "no probe guest config in this checkpoint (magic 0x%llx)",
 				    (unsigned long long)c->magic);
+	if (c->abi != SP_PROBE_ABI)
+		return sp_error_set(err, -EBADMSG,
+				    "the checkpoint's probe guest is version %llu, this samepage checks version %d: "
+				    "make a new one with 'samepage snapshot'",
+				    (unsigned long long)c->abi, SP_PROBE_ABI);
 	if (c->ram_bytes != ram_bytes || c->pages != ram_bytes / SP_PROBE_PAGE ||
 	    c->first_data_page != SP_PROBE_DATA_GPA / SP_PROBE_PAGE || c->zero_bp > 10000)
 		return sp_error_set(err, -EBADMSG, "probe guest config is inconsistent with the checkpoint");

@@ -81,7 +81,13 @@ struct sp_probe_config {
 	uint64_t zero_bp;      /* zero pages, basis points of data pages */
 	uint64_t first_data_page;
 	uint64_t pages;        /* ram_bytes / 4096 */
+	uint64_t abi;          /* SP_PROBE_ABI of the guest that wrote it */
 };
+
+/* Version of the guest program and its model. The program lives in the
+ * checkpoint's memory, so a checkpoint made by another version runs that
+ * version's workloads: the host refuses to check it against this model. */
+#define SP_PROBE_ABI 2
 
 /* salts keep the streams of the model apart */
 #define SP_SALT_SEL_ZERO 0x7a65726f5a45524full
@@ -198,11 +204,19 @@ static inline uint64_t sp_probe_unique_salt(const struct sp_probe_config *c,
 	return c->seed ^ SP_SALT_UNIQUE ^ sp_probe_mix(clone + 1);
 }
 
-/* Is data page `page` one the workload (kind, bp) writes (not scatter)? */
+/* Workloads other than scatter write runs of this many adjacent pages
+ * (256 KiB), chosen at random: software loads, heaps and freed buffers are
+ * contiguous in real guests, and the merge benchmark's same:P% is defined
+ * as "identical runs at the same addresses". scatter:P% stays one page at
+ * a time, the hard case. */
+#define SP_PROBE_RUN_PAGES 64
+
+/* Is data page `page` one the workload (kind, bp) writes (not scatter)?
+ * bp basis points of the runs are chosen, so bp of the pages on average. */
 static inline int sp_probe_wl_sel(const struct sp_probe_config *c, uint64_t page,
 				  uint64_t bp)
 {
-	return sp_probe_sel(page, bp, c->seed ^ SP_SALT_SEL_WL);
+	return sp_probe_sel(page / SP_PROBE_RUN_PAGES, bp, c->seed ^ SP_SALT_SEL_WL);
 }
 
 /*

@@ -48,6 +48,7 @@ static void cfg_load(struct sp_probe_config *c)
 	c->zero_bp = CFG->zero_bp;
 	c->first_data_page = CFG->first_data_page;
 	c->pages = CFG->pages;
+	c->abi = CFG->abi;
 }
 
 static void fill_page(uint64_t *p, const struct sp_probe_pg *pg)
@@ -77,6 +78,7 @@ static void op_fill(struct regs6 *r)
 	CFG->zero_bp = r->a3;
 	CFG->first_data_page = SP_PROBE_DATA_GPA / SP_PROBE_PAGE;
 	CFG->pages = r->a1 / SP_PROBE_PAGE;
+	CFG->abi = SP_PROBE_ABI;
 	cfg_load(&c);
 	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++) {
 		struct sp_probe_pg t = sp_probe_tmpl_page(&c, pg);
