@@ -59,6 +59,9 @@ struct sp_merge_clone {
 	uint64_t tmpl_npages;    /* (c) pages of tmpl_fd from tmpl_offset on */
 	int frame_fd;            /* (c) borrowed */
 	uint64_t frame_npages;   /* (c) pages of the frame file */
+	const uint8_t *tmpl_view;  /* (c) read-only shared view of the template
+				      from tmpl_offset on; NULL: pread it */
+	const uint8_t *frame_view; /* (c) the same of the frame file */
 	uint64_t *remapped;      /* (o) owner thread: one bit per page, set when
 				    the page is not in a template mapping at
 				    its own offset */
@@ -90,6 +93,17 @@ static uint64_t fd_pages(int fd, uint64_t offset)
 	return ((uint64_t)sb.st_size - offset) / PAGE;
 }
 
+static const uint8_t *view(int fd, uint64_t offset, uint64_t npages)
+{
+	void *p;
+
+	if (fd < 0 || npages == 0)
+		return NULL;
+	p = mmap(NULL, npages * PAGE, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd,
+		 (off_t)offset);
+	return p == MAP_FAILED ? NULL : p;
+}
+
 int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 			  struct sp_merge_clone **out, struct sp_error *err)
 {
@@ -116,6 +130,10 @@ int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 		sp_merge_clone_destroy(c);
 		return sp_error_set(err, -ENOMEM, "out of memory");
 	}
+	/* Targets are verified by reading them through read-only shared
+	 * views (no copy, no system call per run); pread if mapping fails. */
+	c->tmpl_view = view(c->tmpl_fd, c->tmpl_offset, c->tmpl_npages);
+	c->frame_view = view(c->frame_fd, 0, c->frame_npages);
 	/* anonymous RAM: no page reads the template until merged onto it */
 	if (c->tmpl_fd < 0 || d->ram_anon)
 		memset(c->remapped, 0xff, (d->npages + 63) / 64 * sizeof(uint64_t));
@@ -127,6 +145,10 @@ void sp_merge_clone_destroy(struct sp_merge_clone *c)
 {
 	if (!c)
 		return;
+	if (c->tmpl_view)
+		munmap((void *)c->tmpl_view, c->tmpl_npages * PAGE);
+	if (c->frame_view)
+		munmap((void *)c->frame_view, c->frame_npages * PAGE);
 	free(c->remapped);
 	free(c->buf);
 	free(c);
@@ -248,10 +270,13 @@ static void apply_run(struct sp_merge_clone *c, struct sp_merge_req *reqs, size_
 
 	while (i < n) {
 		size_t m = n - i < CHUNK_PAGES ? n - i : CHUNK_PAGES;
-		int rc = read_targets(c, &reqs[i], m);
+		const uint8_t *v = reqs[i].kind == SP_MERGE_TEMPLATE ? c->tmpl_view :
+				   reqs[i].kind == SP_MERGE_FRAME ? c->frame_view : NULL;
+		int rc = v ? 0 : read_targets(c, &reqs[i], m);
 
 		for (size_t k = 0; k < m; k++) {
 			const uint8_t *want = reqs[i].kind == SP_MERGE_ZERO ? zero_page :
+					      v ? v + (reqs[i].target + k) * PAGE :
 					      c->buf + k * PAGE;
 			if (rc)
 				reqs[i + k].result = rc;

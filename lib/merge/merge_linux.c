@@ -64,6 +64,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -97,6 +98,10 @@ struct sp_pm_scan_arg {
 
 #define SCAN_VEC 512
 #define PM_CHUNK 4096
+/* Read-ahead: the pages the last changed() call reported (at most RA_LIST)
+ * are read RA_WIN at a time with one process_vm_readv each. */
+#define RA_LIST 1024
+#define RA_WIN 64
 
 struct sp_merge_linux {
 	int frame_fd;               /* (c) the frame file (memfd) */
@@ -108,6 +113,13 @@ struct sp_merge_linux {
 	uint64_t next_frame;        /* (e) next frame number to hand out */
 	struct sp_page_region *vec; /* (e) PAGEMAP_SCAN output */
 	uint64_t *pm;               /* (e) pagemap read buffer, PM_CHUNK */
+	int ra_ok;                  /* (e) process_vm_readv works */
+	struct sp_merge_linux_region *ra_r; /* (e) region the list is of */
+	uint64_t *ra_list;          /* (e) pages changed() reported last, RA_LIST */
+	size_t ra_n;                /* (e) entries in ra_list */
+	size_t ra_at, ra_len;       /* (e) ra_buf holds ra_list[ra_at, +ra_len) */
+	uint8_t *ra_buf;            /* (e) RA_WIN pages of read-ahead content */
+	uint8_t ra_used[RA_WIN];    /* (e) slot already served once */
 	_Atomic uint64_t frames_live, frames_retired, scans, scans_skipped, scan_ns,
 		pages_reported, pages_revisited, merge_batches, merge_ns; /* (a) */
 	_Atomic int nregions;       /* (a) */
@@ -254,7 +266,10 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 	}
 	b->vec = calloc(SCAN_VEC, sizeof(*b->vec));
 	b->pm = calloc(PM_CHUNK, sizeof(*b->pm));
-	if (!b->vec || !b->pm) {
+	b->ra_list = calloc(RA_LIST, sizeof(*b->ra_list));
+	b->ra_buf = aligned_alloc(PAGE, (size_t)RA_WIN * PAGE);
+	b->ra_ok = 1;
+	if (!b->vec || !b->pm || !b->ra_list || !b->ra_buf) {
 		rc = sp_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
@@ -276,6 +291,8 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 	close_fd(&b->frame_fd);
 	free(b->vec);
 	free(b->pm);
+	free(b->ra_list);
+	free(b->ra_buf);
 	free(b);
 }
 
@@ -416,6 +433,8 @@ void sp_merge_linux_region_remove(struct sp_merge_linux *b, struct sp_merge_linu
 {
 	if (!r)
 		return;
+	if (b->ra_r == r)
+		b->ra_r = NULL;
 	atomic_fetch_sub(&b->nregions, 1);
 	close_fd(&r->pidfd);
 	close_fd(&r->mem_fd);
@@ -606,19 +625,92 @@ static int op_changed(void *ctx, void *region, uint64_t *pages, size_t cap)
 	}
 	r->cursor = n < cap || p >= r->npages ? r->npages : p;
 	atomic_fetch_add(&b->pages_reported, n);
+	/* the engine reads these next, in this order: read them ahead */
+	b->ra_r = n ? r : NULL;
+	b->ra_n = n < RA_LIST ? n : RA_LIST;
+	memcpy(b->ra_list, pages, b->ra_n * sizeof(*pages));
+	b->ra_at = b->ra_len = 0;
 	return (int)n;
 }
 
 /* ---- content ------------------------------------------------------- */
 
+/* Fill ra_buf with the content of ra_list[at, at + RA_WIN): one
+ * process_vm_readv, one remote iovec per run of adjacent pages. Content
+ * may be stale by the time it is used; the applier verifies. */
+static void ra_fill(struct sp_merge_linux *b, struct sp_merge_linux_region *r, size_t at)
+{
+	struct iovec local, remote[RA_WIN];
+	size_t n = b->ra_n - at < RA_WIN ? b->ra_n - at : RA_WIN, nr = 0;
+	ssize_t got;
+
+	b->ra_at = at;
+	b->ra_len = 0;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t a = r->ram_addr + b->ra_list[at + i] * PAGE;
+
+		if (nr && (uint64_t)(uintptr_t)remote[nr - 1].iov_base +
+			  remote[nr - 1].iov_len == a)
+			remote[nr - 1].iov_len += PAGE;
+		else
+			remote[nr++] = (struct iovec){ (void *)(uintptr_t)a, PAGE };
+	}
+	local = (struct iovec){ b->ra_buf, n * PAGE };
+	got = process_vm_readv(r->pid, &local, 1, remote, nr, 0);
+	if (got < 0 && (errno == ENOSYS || errno == EPERM)) {
+		b->ra_ok = 0;   /* pread from /proc/PID/mem from now on */
+		return;
+	}
+	/* Read by PID: only trust it if the clone outlived the read (then
+	 * the PID was its own throughout). */
+	if (got <= 0 || is_dead(r))
+		return;
+	b->ra_len = (size_t)got / PAGE;
+	memset(b->ra_used, 0, sizeof(b->ra_used));
+}
+
+/* Serve page from the read-ahead, if it was reported by the last
+ * changed() of r and not served yet. */
+static int ra_read(struct sp_merge_linux *b, struct sp_merge_linux_region *r,
+		   uint64_t page, void *buf)
+{
+	size_t lo = 0, hi = b->ra_n;
+
+	if (b->ra_r != r || !b->ra_ok)
+		return 0;
+	while (lo < hi) {   /* the list is ascending */
+		size_t mid = (lo + hi) / 2;
+		if (b->ra_list[mid] < page)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo >= b->ra_n || b->ra_list[lo] != page)
+		return 0;
+	if (lo < b->ra_at || lo >= b->ra_at + b->ra_len) {
+		ra_fill(b, r, lo);
+		if (lo >= b->ra_at + b->ra_len)
+			return 0;
+	}
+	if (b->ra_used[lo - b->ra_at])
+		return 0;       /* a second read: fresh content */
+	b->ra_used[lo - b->ra_at] = 1;
+	memcpy(buf, b->ra_buf + (lo - b->ra_at) * PAGE, PAGE);
+	return 1;
+}
+
 static int op_read_page(void *ctx, void *region, uint64_t page, void *buf, const void **out)
 {
+	struct sp_merge_linux *b = ctx;
 	struct sp_merge_linux_region *r = region;
 	size_t done = 0;
 
-	(void)ctx;
 	if (page >= r->npages)
 		return -EINVAL;
+	if (ra_read(b, r, page, buf)) {
+		*out = buf;
+		return 0;
+	}
 	if (is_dead(r))
 		return -ESRCH;
 	while (done < PAGE) {

@@ -868,6 +868,38 @@ START_TEST(changed_revisit)
 }
 END_TEST
 
+/* read_page serves the pages changed() just reported from one read-ahead
+ * (process_vm_readv): each once; a second read, or a page not reported,
+ * reads the clone's memory now. */
+START_TEST(read_ahead)
+{
+	struct kid *k = kid_start();
+	struct sp_merge_linux_region *r = region_of(k);
+	uint64_t want[4] = { 3, 4, 5, 9 };
+	uint8_t buf[PAGE], old[PAGE];
+	const void *out;
+
+	for (int i = 0; i < 4; i++)
+		kid_write_seed(k, want[i], 10 + i);
+	expect_changed(r, want, 4, 256);
+	ck_assert_int_eq(ops->read_page(be, r, 3, buf, &out), 0);
+	ck_assert_mem_eq(out, k->model + 3 * PAGE, PAGE);
+	memcpy(old, k->model + 4 * PAGE, PAGE);
+	kid_word(k, 4, 0, 77);    /* after the read-ahead */
+	ck_assert_int_eq(ops->read_page(be, r, 4, buf, &out), 0);
+	ck_assert(!memcmp(out, old, PAGE) || !memcmp(out, k->model + 4 * PAGE, PAGE));
+	ck_assert_int_eq(ops->read_page(be, r, 4, buf, &out), 0);
+	ck_assert_mem_eq(out, k->model + 4 * PAGE, PAGE);   /* second: fresh */
+	ck_assert_int_eq(ops->read_page(be, r, 9, buf, &out), 0);
+	ck_assert_mem_eq(out, k->model + 9 * PAGE, PAGE);
+	ck_assert_int_eq(ops->read_page(be, r, 50, buf, &out), 0);
+	ck_assert_mem_eq(out, k->model + 50 * PAGE, PAGE);  /* not reported */
+	ck_assert_int_eq(ops->read_page(be, r, 5, buf, &out), 0);
+	ck_assert_mem_eq(out, k->model + 5 * PAGE, PAGE);
+	sp_merge_linux_region_remove(be, r);
+}
+END_TEST
+
 START_TEST(dead_child_is_esrch)
 {
 	struct kid *k = kid_start();
@@ -1091,6 +1123,7 @@ int main(void)
 	tcase_add_test(tc, map_count_exhausted);
 	tcase_add_test(tc, map_count_raise_restore);
 	tcase_add_test(tc, dead_child_is_esrch);
+	tcase_add_test(tc, read_ahead);
 	tcase_add_test(tc, frames_monotonic_and_returned);
 	tcase_add_test(tc, template_reads);
 	tcase_add_test(tc, engine_converges);
