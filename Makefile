@@ -47,7 +47,7 @@ GUEST_CFLAGS := -std=c11 -O2 -ffreestanding -fno-pic -fno-pie -fno-stack-protect
                 -fno-asynchronous-unwind-tables -mno-red-zone -mgeneral-regs-only \
                 -fcf-protection=none -fno-builtin -nostdlib -Wall -Wextra -Werror -Iinclude -I.
 
-.PHONY: all deps check check-san demo bench fuzz clean tests
+.PHONY: all deps check check-san check-tsan demo bench fuzz clean tests
 all: $(B)/samepage $(LIB)
 
 deps:
@@ -91,9 +91,16 @@ check: deps
 	@$(MAKE) --no-print-directory tests fuzz
 	@B=$(B) bash tests/run.sh
 
+# The same tests under AddressSanitizer + UBSan, and the merge engine's
+# tests (its scanner thread) under ThreadSanitizer. CI runs both after
+# `make check`.
 check-san: deps
 	@$(MAKE) --no-print-directory SAN=1 tests
 	@B=build-san bash tests/run.sh
+
+check-tsan: deps
+	@$(MAKE) --no-print-directory TSAN=1 build-tsan/tests/unit/test_merge
+	@B=build-tsan bash tests/run.sh unit/test_merge
 
 demo: deps
 	@$(MAKE) --no-print-directory all

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Run every samepage test binary under $B/tests (unit first, then KVM),
-# each with a time limit, then the fuzz targets briefly over the seed
-# corpus. Prints one line per binary and the closing line
-# "N passed, N failed, N skipped". Exit status is non-zero if any failed.
+# each with a time limit, then the CLI test scripts and the fuzz targets
+# briefly over the seed corpus. Prints one line per test and the closing
+# line "N passed, N failed, N skipped". Exit status is non-zero if any
+# failed. With arguments (e.g. unit/test_merge), runs only those binaries.
 set -u
 B=${B:-build}
 pass=0 fail=0 skip=0
@@ -22,6 +23,16 @@ run_one() { # name timeout cmd...
 	esac
 	rm -f "$log"
 }
+if [ $# -gt 0 ]; then
+	for t in "$@"; do
+		if [ -x "$B/tests/$t" ]; then run_one "$t" 300 "$B/tests/$t"
+		else fail=$((fail + 1)); failed+=("$t"); echo "FAIL  $t: $B/tests/$t not built"; fi
+	done
+	[ ${#failed[@]} -eq 0 ] || echo "failed: ${failed[*]}"
+	echo "$pass passed, $fail failed, $skip skipped"
+	[ "$fail" -eq 0 ]
+	exit
+fi
 for t in "$B"/tests/unit/test_* "$B"/tests/kvm/test_*; do
 	[ -x "$t" ] || continue
 	run_one "${t#"$B"/tests/}" 300 "$t"

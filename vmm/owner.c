@@ -270,12 +270,21 @@ int sp_owner_main(const struct sp_owner_opts *o)
 			goto fail;
 	}
 	{
-		/* the owner exists to merge: run unless told otherwise */
-		int run_set = 0;
-		for (const char *const *k = o->knobs; k && *k; k++)
-			run_set |= !strncmp(*k, "merge.run=", 10);
-		if (!run_set && sp_merge_ctl_set(eng, "merge.run", 1, &err))
-			goto fail;
+		/* The owner exists to merge: it runs unless told otherwise, and
+		 * does not sleep between steps while it has work (it only has
+		 * work when clones changed pages; once converged it sleeps until
+		 * merge.poll_ms). Knobs given explicitly win. */
+		static const char *const defaults[][2] = {
+			{ "merge.run", "1" }, { "merge.sleep_ms", "0" },
+		};
+		for (size_t d = 0; d < sizeof(defaults) / sizeof(defaults[0]); d++) {
+			size_t len = strlen(defaults[d][0]);
+			int set = 0;
+			for (const char *const *k = o->knobs; k && *k; k++)
+				set |= !strncmp(*k, defaults[d][0], len) && (*k)[len] == '=';
+			if (!set && sp_merge_ctl_set(eng, defaults[d][0], atoll(defaults[d][1]), &err))
+				goto fail;
+		}
 	}
 	lfd = listen_on(o->ctl_path, &err);
 	if (lfd < 0)
