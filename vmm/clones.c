@@ -108,9 +108,16 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 	}
 	if (fd >= 0)
 		close(fd);
-	if (m->type != SP_MERGE_MSG_BATCH || (size_t)n < hdr || m->n > SP_MERGE_MSG_MAX_REQS ||
-	    (size_t)n != hdr + m->n * sizeof(m->reqs[0]))
+	if (m->type != SP_MERGE_MSG_BATCH)
 		return 0;
+	if ((size_t)n < hdr || m->n > SP_MERGE_MSG_MAX_REQS ||
+	    (size_t)n != hdr + m->n * sizeof(m->reqs[0])) {
+		/* malformed: answer anyway (with nothing applied) so that the
+		 * owner, which waits for every answer, never hangs */
+		m->type = SP_MERGE_MSG_DONE;
+		m->n = 0;
+		return send(sock, m, hdr, MSG_NOSIGNAL) == (ssize_t)hdr ? 0 : -1;
+	}
 	if (*ap) {
 		sp_merge_clone_apply(*ap, m->reqs, m->n);
 	} else {
