@@ -6,35 +6,13 @@
 # keeps the clones alive with their guest RAM where it says, and tears
 # everything down on SIGTERM (no process, cgroup or mount left behind).
 set -u
-B=${B:-build}
-SP=$B/samepage
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
-[ -x "$SP" ] || { echo "FAIL: $SP not built"; exit 1; }
+here=$(dirname "$0")
+. "$here/lib/cli.sh"
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
 	echo "SKIP: /dev/kvm is not available: fan-out CLI tests not run"
 	exit 77
 fi
 [ "$(id -u)" = 0 ] || { echo "SKIP: needs root (memory cgroup, huge tmpfs)"; exit 77; }
-tmp=$(mktemp -d /tmp/sp-cli.XXXXXX)
-holdpid=
-cleanup() { [ -n "$holdpid" ] && kill -9 "$holdpid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-
-expect_exit() { # code description cmd...
-	local want=$1 what=$2; shift 2
-	"$@" >"$tmp/out" 2>"$tmp/err"
-	local rc=$?
-	if [ "$rc" != "$want" ]; then fail "$what: exit $rc, want $want ($(head -c 300 "$tmp/err"))"; return; fi
-	if [ "$want" != 0 ]; then
-		local lines; lines=$(grep -c . "$tmp/err")
-		if [ "$lines" -lt 1 ] || ! grep -q '^samepage: ' "$tmp/err"; then
-			fail "$what: no 'samepage: ' error line on stderr"; return
-		fi
-	fi
-	ok "$what"
-}
 
 expect_exit 0 "snapshot 16M" "$SP" snapshot --mem 16M --zero-pct 10 -o "$tmp/g.ckpt"
 expect_exit 64 "snapshot without -o" "$SP" snapshot --mem 16M
@@ -104,5 +82,4 @@ ls -d /sys/fs/cgroup/memory/samepage-fanout-* /sys/fs/cgroup/memory/*/samepage-f
 	&& fail "a samepage cgroup was left behind" || ok "no cgroup left behind"
 ls -d /tmp/samepage-huge-* 2>/dev/null | grep -q . && fail "huge tmpfs mount point left" || ok "no mount point left"
 
-echo "$((fails == 0 ? 1 : 0)) passed, $fails failed"
-[ $fails = 0 ]
+finish

@@ -4,29 +4,10 @@
 # them: names, ranges and refusals with one clear line; live statistics and
 # knob changes through the owner's control socket; clean teardown.
 set -u
-B=${B:-build}
-SP=$B/samepage
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
-[ -x "$SP" ] || { echo "FAIL: $SP not built"; exit 1; }
-tmp=$(mktemp -d /tmp/sp-mcli.XXXXXX)
-holdpid=
-cleanup() { [ -n "$holdpid" ] && kill -9 "$holdpid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+here=$(dirname "$0")
+. "$here/lib/cli.sh"
 sock=$tmp/ctl.sock
 map_count0=$(cat /proc/sys/vm/max_map_count)
-
-expect_exit() { # code description cmd...
-	local want=$1 what=$2; shift 2
-	"$@" >"$tmp/out" 2>"$tmp/err"
-	local rc=$?
-	if [ "$rc" != "$want" ]; then fail "$what: exit $rc, want $want ($(head -c 300 "$tmp/err"))"; return 1; fi
-	if [ "$want" != 0 ] && ! grep -q '^samepage: ' "$tmp/err"; then
-		fail "$what: no 'samepage: ' error line"; return 1
-	fi
-	ok "$what"
-}
 
 # offline: the namespace and its ranges
 expect_exit 0 "ctl list" "$SP" ctl list && grep -q '^merge.pages_to_scan ' "$tmp/out" && grep -q '^stats.merge.pages_sharing ' "$tmp/out" \
@@ -74,5 +55,4 @@ holdpid=
 [ -e "$sock" ] && fail "control socket left behind" || ok "control socket removed"
 [ "$(cat /proc/sys/vm/max_map_count)" = "$map_count0" ] && ok "vm.max_map_count restored" \
 	|| { fail "vm.max_map_count is $(cat /proc/sys/vm/max_map_count), was $map_count0"; echo "$map_count0" >/proc/sys/vm/max_map_count; }
-echo "$((fails == 0 ? 1 : 0)) passed, $fails failed"
-[ $fails = 0 ]
+finish
