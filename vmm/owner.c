@@ -30,41 +30,87 @@ static void on_stop(int sig)
 
 struct transport {
 	int sock;
+	size_t sent;               /* (s) requests of the batch in flight shipped */
 	struct sp_merge_msg msg;   /* (s) engine thread only: one batch in flight */
 };
 
-/* sp_merge_linux_apply_fn: ship a batch to the clone, wait for results. */
-static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
+/* Requests in the message that carries reqs[done...] of a batch of n. */
+static size_t chunk(size_t n, size_t done)
+{
+	return n - done < SP_MERGE_MSG_MAX_REQS ? n - done : SP_MERGE_MSG_MAX_REQS;
+}
+
+/* sp_merge_linux_send_fn: ship a batch to the clone, one message per
+ * SP_MERGE_MSG_MAX_REQS requests, without waiting for the answers (the
+ * clone answers each message in order). At most one batch is in flight, so
+ * the socket queues hold a few messages at most and send never waits for
+ * long. */
+static int ship_send(void *ctx, const struct sp_merge_req *reqs, size_t n)
 {
 	struct transport *t = ctx;
 
-	for (size_t done = 0; done < n;) {
-		size_t k = n - done < SP_MERGE_MSG_MAX_REQS ? n - done : SP_MERGE_MSG_MAX_REQS;
+	t->sent = 0;
+	while (t->sent < n) {
+		size_t k = chunk(n, t->sent);
 		size_t bytes = offsetof(struct sp_merge_msg, reqs) + k * sizeof(reqs[0]);
 		ssize_t r;
 
 		t->msg.type = SP_MERGE_MSG_BATCH;
 		t->msg.n = (uint32_t)k;
-		memcpy(t->msg.reqs, reqs + done, k * sizeof(reqs[0]));
+		memcpy(t->msg.reqs, reqs + t->sent, k * sizeof(reqs[0]));
 		do
 			r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
 		while (r < 0 && errno == EINTR);
 		if (r != (ssize_t)bytes)
-			return done ? 0 : -EPIPE;
+			break;   /* the rest stays unapplied */
+		t->sent += k;
+	}
+	return t->sent ? 0 : -EPIPE;
+}
+
+/* sp_merge_linux_recv_fn: wait for the answers to what ship_send shipped. */
+static int ship_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
+{
+	struct transport *t = ctx;
+
+	for (size_t done = 0; done < n; done += chunk(n, done)) {
+		size_t k = chunk(n, done);
+		size_t bytes = offsetof(struct sp_merge_msg, reqs) + k * sizeof(reqs[0]);
+		ssize_t r;
+
+		if (done >= t->sent) {
+			for (size_t i = done; i < n; i++)
+				reqs[i].result = -EPIPE;
+			break;
+		}
 		do
 			r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
 		while (r < 0 && errno == EINTR);
-		if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DONE || t->msg.n != k) {
+		if (r <= 0) {
 			/* the clone died mid-batch: the rest stays unapplied */
 			for (size_t i = done; i < n; i++)
 				reqs[i].result = -ESRCH;
 			return done ? 0 : -ESRCH;
 		}
+		if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DONE || t->msg.n != k) {
+			/* a bad answer (nothing applied): keep reading the
+			 * answers to the rest, so the next batch's are its own */
+			for (size_t i = done; i < done + k; i++)
+				reqs[i].result = -EPROTO;
+			continue;
+		}
 		for (size_t i = 0; i < k; i++)
 			reqs[done + i].result = t->msg.reqs[i].result;
-		done += k;
 	}
 	return 0;
+}
+
+/* sp_merge_linux_apply_fn: ship a batch to the clone, wait for results. */
+static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
+{
+	int rc = ship_send(ctx, reqs, n);
+
+	return rc ? rc : ship_recv(ctx, reqs, n);
 }
 
 /* Hand the frame file to a clone (it maps frames from it). */
@@ -248,7 +294,8 @@ int sp_owner_main(const struct sp_owner_opts *o)
 	for (uint32_t i = 0; i < o->nclones; i++) {
 		struct sp_merge_linux_region_desc bd = {
 			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
-			.npages = o->npages, .tmpl = bt, .apply = ship, .transport_ctx = &tr[i],
+			.npages = o->npages, .tmpl = bt, .apply = ship, .send = ship_send,
+			.recv = ship_recv, .transport_ctx = &tr[i],
 		};
 		struct sp_merge_region_desc rd = { .npages = o->npages,
 						   .domain = o->clones[i].domain, .tmpl = et };

@@ -55,7 +55,8 @@ struct sp_merge_req {
  * tmpl are the opaque handles given in the region and template
  * descriptions. The core calls the ops with its own lock held, from the
  * thread running a step: ops must not call back into the engine, except
- * sp_merge_kick(). Every op is required.
+ * sp_merge_kick(). Every op is required but merge_submit and merge_wait,
+ * which come as a pair or not at all.
  *
  * Content reads. read_page, read_template and read_frame set *out to
  * SP_MERGE_PAGE_BYTES bytes of content: either a pointer into the backend's
@@ -118,6 +119,25 @@ struct sp_merge_ops {
 	 * was applied (then every result is taken to be that errno). */
 	int (*merge)(void *ctx, void *region, struct sp_merge_req *reqs,
 		     size_t n);
+
+	/* Optional, as a pair: merge split in two, so that the core can go on
+	 * reading and looking up candidates while a batch is applied (by
+	 * another process or thread). merge_submit starts applying a batch,
+	 * with merge's contract, and must not wait for it to be applied; it
+	 * returns 0, or a negative errno meaning nothing was started (then
+	 * every result is taken to be that errno and merge_wait is not
+	 * called). merge_wait, called exactly once for each batch submitted,
+	 * with the same arguments, blocks until every result is in reqs[] and
+	 * returns what merge would have. reqs stays untouched by the core in
+	 * between. The core keeps at most one flush of batches (at most one
+	 * batch per region) in flight, never across the end of a step: between
+	 * steps nothing is in flight. In between, the core may call any other
+	 * op for any region (changed() may report a page in flight), but
+	 * read_page never for a page in flight: it waits first. */
+	int (*merge_submit)(void *ctx, void *region, struct sp_merge_req *reqs,
+			    size_t n);
+	int (*merge_wait)(void *ctx, void *region, struct sp_merge_req *reqs,
+			  size_t n);
 };
 
 struct sp_merge;           /* an engine (opaque) */

@@ -72,13 +72,30 @@ struct sp_merge_linux_opts {
 typedef int (*sp_merge_linux_apply_fn)(void *transport_ctx,
 				       struct sp_merge_req *reqs, size_t n);
 
+/*
+ * The same in two halves, so that the engine can go on working while the
+ * clone applies (sp_merge_ops.merge_submit/merge_wait). send ships a batch
+ * without waiting for the answer; recv, called once after each send that
+ * returned 0, with the same arguments, waits for the answer and copies the
+ * results into reqs[i].result. At most one batch per transport is in
+ * flight. send returns 0 or a negative errno when nothing was shipped;
+ * recv returns as apply does. Both are called from the engine's thread
+ * with the engine's lock held.
+ */
+typedef int (*sp_merge_linux_send_fn)(void *transport_ctx,
+				      const struct sp_merge_req *reqs, size_t n);
+typedef int (*sp_merge_linux_recv_fn)(void *transport_ctx,
+				      struct sp_merge_req *reqs, size_t n);
+
 struct sp_merge_linux_region_desc {
 	pid_t pid;                       /* the clone's process */
 	uint64_t ram_addr;               /* guest RAM address in the clone */
 	uint64_t npages;                 /* guest RAM size, 4 KiB pages */
 	struct sp_merge_linux_tmpl *tmpl;/* what RAM is MAP_PRIVATE of; NULL: none */
 	sp_merge_linux_apply_fn apply;   /* transport to the clone */
-	void *transport_ctx;             /* passed to apply */
+	sp_merge_linux_send_fn send;     /* optional, with recv: the same */
+	sp_merge_linux_recv_fn recv;     /*   split, to overlap with the engine */
+	void *transport_ctx;             /* passed to apply, send, recv */
 };
 
 struct sp_merge_linux_stats {
@@ -90,8 +107,9 @@ struct sp_merge_linux_stats {
 	uint64_t scan_ns;          /* time spent scanning */
 	uint64_t pages_reported;   /* pages returned by changed() */
 	uint64_t pages_revisited;  /* of which revisits */
-	uint64_t merge_batches;    /* transport calls */
-	uint64_t merge_ns;         /* time spent in the transport */
+	uint64_t merge_batches;    /* batches shipped */
+	uint64_t merge_ns;         /* time the engine spent in the transport
+				      (apply, or send + recv: blocked time) */
 	int scan_ioctl;            /* 1: PAGEMAP_SCAN, 0: pagemap reads */
 };
 

@@ -90,6 +90,23 @@
  *     Either way the node loses the pending reference, and a node left with
  *     no reference is freed (its frame back to the backend).
  *
+ * Overlap. A backend whose merges run elsewhere (the Linux one: in the
+ * clone processes) can split merge into merge_submit and merge_wait. Then
+ * a flush submits its batches and returns; the step goes on reading and
+ * looking up candidates while the clones apply them, and the next flush
+ * first waits for those (at most one flush is in flight, so the pending
+ * batch is double-buffered). So that a flush holds batches for several
+ * clones (which then apply at once, on other cores, instead of one after
+ * the other), a pass asks the regions for their changes round robin, one
+ * changed() chunk each, instead of draining one region before the next.
+ * Items of a batch in flight stay PENDING and their nodes keep their
+ * pending references, so nothing above changes: results are accounted
+ * exactly as the synchronous path does, only later. The core waits before
+ * anything that must see them: a candidate of the batch reported again,
+ * the end of a pass (convergence counts the settle list) and the end of a
+ * step, so that between steps nothing is in flight (sp_merge_check, region
+ * removal, knob changes and destroy never see a batch in flight).
+ *
  * Frames. A frame is referenced by its node's rmap entries only. The core
  * frees it (frame_free) when the last entry goes: the page was reported
  * written, or its region was removed after its process exited. Reported
@@ -263,12 +280,21 @@ struct sp_merge_region {
 	struct sp_domain *dom;          /* (t) bound domain */
 	struct sp_merge_pidx items;     /* (t) */
 	uint64_t nitems;                /* (t) */
+	uint32_t collected;             /* (t) last pass that collected all
+					   of its changes */
 };
 
 /* A merge request waiting in the batch. */
 struct pend {
 	struct sp_item *it;
 	struct sp_stable *node;
+};
+
+/* One region's batch of the flush in flight: pend and reqs [at, at + n). */
+struct inflight {
+	uint32_t region;
+	uint32_t at, n;
+	int rc;          /* merge_submit's: nonzero, nothing to wait for */
 };
 
 enum { K_RUN, K_PAGES_TO_SCAN, K_SLEEP_MS, K_POLL_MS, K_MAX_PAGE_SHARING,
@@ -320,6 +346,12 @@ struct sp_merge {
 	struct pend *pend;              /* (t) pending batch */
 	size_t npend;                   /* (t) */
 	struct sp_merge_req *reqs;      /* (t) scratch for ops.merge */
+	bool async;                     /* (c) merge_submit/merge_wait given */
+	struct pend *fl_pend;           /* (t) async: the flush in flight... */
+	struct sp_merge_req *fl_reqs;   /* (t) ...its requests... */
+	size_t fl_npend;                /* (t) ...how many (0: none)... */
+	struct inflight *fl;            /* (t) ...and its batches */
+	size_t nfl;                     /* (t) */
 	uint64_t *chg;                  /* (t) scratch for ops.changed */
 	bool hint_valid;                /* (t) last frame allocation... */
 	uint32_t hint_region, hint_page;/* (t) ...was for this page */
@@ -975,41 +1007,107 @@ static void finish(struct sp_merge *e, struct sp_item *it, struct sp_stable *n,
 		node_free(e, n);
 }
 
-/* Hand the pending requests to the backend, one batch per region, sorted
- * by page; then account each result. Invalidates read pointers. */
-static void flush(struct sp_merge *e)
+/* Account the results of batch b (rc: what merge or merge_wait returned).
+ * pend and reqs are the flush's arrays, indexed alike. */
+static void finish_batch(struct sp_merge *e, struct pend *pend,
+			 struct sp_merge_req *reqs, const struct inflight *b,
+			 int rc)
 {
-	size_t i = 0, j, k;
+	size_t k;
 
 	TREE_LOCK_ASSERT(e);
+	if (rc < 0) {
+		stat_add(e, S_BACKEND_ERRORS, 1);
+		for (k = b->at; k < b->at + b->n; k++)
+			reqs[k].result = rc;
+	}
+	for (k = b->at; k < b->at + b->n; k++)
+		finish(e, pend[k].it, pend[k].node, reqs[k].result);
+}
+
+/* Wait for the flush in flight, if any, and account its results. */
+static void reap(struct sp_merge *e)
+{
+	size_t i;
+
+	TREE_LOCK_ASSERT(e);
+	if (e->fl_npend == 0)
+		return;
+	for (i = 0; i < e->nfl; i++) {
+		const struct inflight *b = &e->fl[i];
+		int rc = b->rc;
+
+		if (rc == 0)
+			rc = e->ops.merge_wait(e->ctx, e->rtab[b->region]->handle,
+					       e->fl_reqs + b->at, b->n);
+		finish_batch(e, e->fl_pend, e->fl_reqs, b, rc);
+	}
+	e->fl_npend = 0;
+	e->nfl = 0;
+}
+
+/* Hand the pending requests to the backend, one batch per region, sorted
+ * by page; then account each result. With merge_submit the batches are
+ * only started, and accounted by the next flush or drain(): the buffers
+ * swap, and the pending batch is empty again either way. Invalidates read
+ * pointers. */
+static void flush(struct sp_merge *e)
+{
+	size_t i = 0, j;
+
+	TREE_LOCK_ASSERT(e);
+	reap(e);
 	if (e->npend == 0)
 		return;
 	qsort(e->pend, e->npend, sizeof(*e->pend), pend_cmp);
 	while (i < e->npend) {
 		uint32_t rid = e->pend[i].it->region;
 		struct sp_merge_region *r = e->rtab[rid];
-		int rc;
+		struct inflight b;
 
 		for (j = i; j < e->npend && e->pend[j].it->region == rid; j++) {
-			struct sp_merge_req *q = &e->reqs[j - i];
+			struct sp_merge_req *q = &e->reqs[j];
 
 			q->page = e->pend[j].it->page;
 			q->kind = e->pend[j].node->kind;
 			q->target = e->pend[j].node->target;
 			q->result = -EIO;  /* a backend that forgets fails */
 		}
-		rc = e->ops.merge(e->ctx, r->handle, e->reqs, j - i);
-		if (rc < 0) {
-			stat_add(e, S_BACKEND_ERRORS, 1);
-			for (k = 0; k < j - i; k++)
-				e->reqs[k].result = rc;
+		b.region = rid;
+		b.at = (uint32_t)i;
+		b.n = (uint32_t)(j - i);
+		if (e->async) {
+			b.rc = e->ops.merge_submit(e->ctx, r->handle,
+						   e->reqs + i, j - i);
+			if (b.rc > 0)
+				b.rc = -EIO;
+			e->fl[e->nfl++] = b;
+		} else {
+			b.rc = 0;
+			finish_batch(e, e->pend, e->reqs, &b,
+				     e->ops.merge(e->ctx, r->handle,
+						  e->reqs + i, j - i));
 		}
-		for (k = i; k < j; k++)
-			finish(e, e->pend[k].it, e->pend[k].node,
-			       e->reqs[k - i].result);
 		i = j;
 	}
+	if (e->async) {
+		struct pend *p = e->fl_pend;
+		struct sp_merge_req *q = e->fl_reqs;
+
+		e->fl_pend = e->pend;
+		e->fl_reqs = e->reqs;
+		e->fl_npend = e->npend;
+		e->pend = p;
+		e->reqs = q;
+	}
 	e->npend = 0;
+}
+
+/* Flush, and wait until nothing is in flight. */
+static void drain(struct sp_merge *e)
+{
+	flush(e);
+	reap(e);
 }
 
 /* Make room for the two requests a lookup may queue. Must run before the
@@ -1152,7 +1250,7 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 
 	TREE_LOCK_ASSERT(e);
 	if (it != NULL && it->state == ST_PENDING)
-		flush(e);   /* reported again within one step */
+		drain(e);   /* reported again within one step */
 	if (it != NULL) {
 		prev_pass = it->pass;
 		prev_csum = it->csum;
@@ -1201,7 +1299,7 @@ static void pass_end(struct sp_merge *e, struct step_res *res)
 {
 	bool converged;
 
-	flush(e);
+	drain(e);
 	if (e->retry_round) {
 		if (e->nretry < e->retry_at_start)
 			e->retry_backoff = 1;
@@ -1222,6 +1320,35 @@ static void pass_end(struct sp_merge *e, struct step_res *res)
 	res->converged = converged;
 }
 
+/* The region to ask for changes next in this pass, from the cursor on, or
+ * NULL once every region said it has none left. Synchronously, one region
+ * after the other. With merges in flight, round robin, one changed() chunk
+ * each: a flush then holds batches for several regions, and several
+ * clones apply at once while the core works, instead of one. */
+static struct sp_merge_region *next_region(struct sp_merge *e)
+{
+	struct sp_merge_region *r;
+	uint32_t k;
+
+	TREE_LOCK_ASSERT(e);
+	if (!e->async) {
+		while (e->cursor < e->rtab_len &&
+		       (r = e->rtab[e->cursor]) == NULL)
+			e->cursor++;
+		return e->cursor < e->rtab_len ? e->rtab[e->cursor] : NULL;
+	}
+	for (k = 0; k < e->rtab_len; k++) {
+		uint32_t at = (e->cursor + k) % e->rtab_len;
+
+		r = e->rtab[at];
+		if (r != NULL && r->collected != e->pass) {
+			e->cursor = at;
+			return r;
+		}
+	}
+	return NULL;
+}
+
 static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 {
 	struct sp_item *it;
@@ -1233,14 +1360,11 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 	while (!res->pass_done) {
 		switch (e->phase) {
 		case PH_COLLECT: {
-			struct sp_merge_region *r = NULL;
+			struct sp_merge_region *r = next_region(e);
 			size_t cap, i;
 			int n;
 
-			while (e->cursor < e->rtab_len &&
-			       (r = e->rtab[e->cursor]) == NULL)
-				e->cursor++;
-			if (e->cursor >= e->rtab_len) {
+			if (r == NULL) {
 				e->phase = PH_SETTLE;
 				break;
 			}
@@ -1250,6 +1374,7 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 			n = e->ops.changed(e->ctx, r->handle, e->chg, cap);
 			if (n < 0 || (size_t)n > cap) {
 				stat_add(e, S_BACKEND_ERRORS, 1);
+				r->collected = e->pass;
 				e->cursor++;
 				break;
 			}
@@ -1264,8 +1389,12 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 				e->pass_changed = true;
 			budget -= (uint64_t)n;
 			res->pages += (uint64_t)n;
-			if ((size_t)n < cap)
+			if ((size_t)n < cap) {
+				r->collected = e->pass;
 				e->cursor++;
+			} else if (e->async) {
+				e->cursor++;   /* round robin: see next_region() */
+			}
 			break;
 		}
 		case PH_SETTLE:
@@ -1312,7 +1441,7 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 		}
 	}
 out:
-	flush(e);
+	drain(e);
 }
 
 /* --- public: life cycle ----------------------------------------------- */
@@ -1337,9 +1466,10 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	*out = NULL;
 	if (ops == NULL || !ops->changed || !ops->read_page ||
 	    !ops->read_template || !ops->read_frame || !ops->frame_alloc ||
-	    !ops->frame_write || !ops->frame_free || !ops->merge)
+	    !ops->frame_write || !ops->frame_free || !ops->merge ||
+	    !ops->merge_submit != !ops->merge_wait)
 		return sp_error_set(err, -EINVAL,
-				    "merge engine: every backend op is required");
+				    "merge engine: every backend op is required (merge_submit and merge_wait: both or neither)");
 	e = calloc(1, sizeof(*e));
 	if (e == NULL)
 		return sp_error_set(err, -ENOMEM, "merge engine: out of memory");
@@ -1363,20 +1493,28 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	TAILQ_INIT(&e->settle);
 	TAILQ_INIT(&e->retry);
 	e->retry_backoff = 1;
+	e->async = ops->merge_submit != NULL;
 	e->pend = calloc(PEND_MAX, sizeof(*e->pend));
 	e->reqs = calloc(PEND_MAX, sizeof(*e->reqs));
 	e->chg = calloc(CHG_CHUNK, sizeof(*e->chg));
+	if (e->async) {
+		e->fl_pend = calloc(PEND_MAX, sizeof(*e->fl_pend));
+		e->fl_reqs = calloc(PEND_MAX, sizeof(*e->fl_reqs));
+		e->fl = calloc(PEND_MAX, sizeof(*e->fl));
+	}
 	for (i = 0; i < NBUF; i++)
 		e->buf[i] = aligned_alloc(PAGE, PAGE);
 	if (!e->pend || !e->reqs || !e->chg || !e->buf[0] || !e->buf[1] ||
-	    !e->buf[2] || !e->buf[3]) {
+	    !e->buf[2] || !e->buf[3] ||
+	    (e->async && (!e->fl_pend || !e->fl_reqs || !e->fl))) {
 		sp_merge_destroy(e);
 		return sp_error_set(err, -ENOMEM, "merge engine: out of memory");
 	}
 	atomic_init(&e->st[S_METADATA],
 		    (int64_t)(sizeof(*e) + PEND_MAX * (sizeof(*e->pend) +
-		    sizeof(*e->reqs)) + CHG_CHUNK * sizeof(*e->chg) +
-		    NBUF * PAGE));
+		    sizeof(*e->reqs)) * (e->async ? 2 : 1) +
+		    (e->async ? PEND_MAX * sizeof(*e->fl) : 0) +
+		    CHG_CHUNK * sizeof(*e->chg) + NBUF * PAGE));
 	*out = e;
 	return 0;
 }
@@ -1434,6 +1572,9 @@ void sp_merge_destroy(struct sp_merge *e)
 	free(e->rtab);
 	free(e->pend);
 	free(e->reqs);
+	free(e->fl_pend);
+	free(e->fl_reqs);
+	free(e->fl);
 	free(e->chg);
 	for (b = 0; b < NBUF; b++)
 		free(e->buf[b]);
@@ -1570,6 +1711,7 @@ int sp_merge_region_add(struct sp_merge *e,
 		return sp_error_set(err, -ENOMEM, "merge region: out of memory");
 	}
 	r->id = id;
+	r->collected = pass_prev(e->pass);
 	r->dom->nregions++;
 	if (r->tmpl != NULL)
 		r->tmpl->nregions++;
@@ -1587,7 +1729,7 @@ static void region_drop(struct sp_merge *e, struct sp_merge_region *r)
 	struct sp_item *it;
 
 	TREE_LOCK_ASSERT(e);
-	assert(e->npend == 0);
+	assert(e->npend == 0 && e->fl_npend == 0);
 	while ((it = SPLAY_ROOT(&r->items)) != NULL) {
 		detach(e, it);
 		item_free(e, r, it);
@@ -2102,8 +2244,9 @@ int sp_merge_check(struct sp_merge *e, unsigned flags, struct sp_error *err)
 
 	memset(&t, 0, sizeof(t));
 	tree_lock(e);
-	if (e->npend != 0)
-		FAIL("%zu merge requests pending between steps", e->npend);
+	if (e->npend != 0 || e->fl_npend != 0)
+		FAIL("%zu merge requests pending, %zu in flight between steps",
+		     e->npend, e->fl_npend);
 	for (i = 0; i < e->rtab_len; i++) {
 		struct sp_merge_region *r = e->rtab[i];
 		uint64_t cnt = 0;

@@ -48,6 +48,15 @@
  * An owner that dies costs the clones nothing: their mappings hold the
  * template and frame file open.
  *
+ * Merging. merge() hands the batch to the transport and waits. With a
+ * transport split into send and recv, merge_submit only sends, and
+ * merge_wait receives the answer: the clone applies while the engine reads
+ * and looks up the next batch (the engine waits before it reads a page of
+ * a batch in flight). Until merge_wait, the region's bitmaps do not know
+ * the batch's results; a scan in between may see a page already merged
+ * (it forgets it) or not yet (it stays reported), and merge_wait then
+ * settles the bits as merge does.
+ *
  * Locking: the ops run under the engine's lock, one at a time, so region
  * and frame-allocation state is only touched by the engine's thread (e);
  * statistics are atomic (a); the rest is constant after creation (c).
@@ -139,7 +148,11 @@ struct sp_merge_linux_region {
 	uint64_t ram_addr;          /* (c) */
 	uint64_t npages;            /* (c) */
 	sp_merge_linux_apply_fn apply; /* (c) */
+	sp_merge_linux_send_fn send; /* (c) NULL: apply only */
+	sp_merge_linux_recv_fn recv; /* (c) */
 	void *tctx;                 /* (c) */
+	int submit_rc;              /* (e) apply's result, when submit applied */
+	uint64_t submit_ns;         /* (e) time submit spent */
 	uint64_t *anon;             /* (e) private anonymous at the last scan */
 	uint64_t *seen;             /* (e) reported and still private */
 	uint64_t cursor;            /* (e) next page to report from `anon` */
@@ -379,7 +392,7 @@ int sp_merge_linux_region_add(struct sp_merge_linux *b,
 
 	*out = NULL;
 	if (!d || d->pid <= 0 || d->npages == 0 || d->ram_addr % PAGE || !d->apply ||
-	    (d->tmpl && d->tmpl->npages < d->npages))
+	    !d->send != !d->recv || (d->tmpl && d->tmpl->npages < d->npages))
 		return sp_error_set(err, -EINVAL, "merge region: bad pid, RAM, template or transport");
 	r = calloc(1, sizeof(*r));
 	if (!r)
@@ -388,6 +401,8 @@ int sp_merge_linux_region_add(struct sp_merge_linux *b,
 	r->ram_addr = d->ram_addr;
 	r->npages = d->npages;
 	r->apply = d->apply;
+	r->send = d->send;
+	r->recv = d->recv;
 	r->tctx = d->transport_ctx;
 	r->mem_fd = r->pagemap_fd = r->stat_fd = -1;
 	r->force = 1;
@@ -806,18 +821,13 @@ static void op_frame_free(void *ctx, uint64_t frame)
 
 /* ---- merging ------------------------------------------------------- */
 
-static int op_merge(void *ctx, void *region, struct sp_merge_req *reqs, size_t n)
+/* The transport returned rc for a batch: account it and settle the
+ * region's bits by the results. */
+static int merged(struct sp_merge_linux *b, struct sp_merge_linux_region *r,
+		  struct sp_merge_req *reqs, size_t n, int rc, uint64_t ns)
 {
-	struct sp_merge_linux *b = ctx;
-	struct sp_merge_linux_region *r = region;
-	uint64_t t0 = now_ns();
-	int rc;
-
-	if (is_dead(r))
-		return -ESRCH;
-	rc = r->apply(r->tctx, reqs, n);
 	atomic_fetch_add(&b->merge_batches, 1);
-	atomic_fetch_add(&b->merge_ns, now_ns() - t0);
+	atomic_fetch_add(&b->merge_ns, ns);
 	if (rc)
 		return is_dead(r) ? -ESRCH : (rc < 0 ? rc : -EIO);
 	for (size_t i = 0; i < n; i++) {
@@ -838,6 +848,51 @@ static int op_merge(void *ctx, void *region, struct sp_merge_req *reqs, size_t n
 	return 0;
 }
 
+static int op_merge(void *ctx, void *region, struct sp_merge_req *reqs, size_t n)
+{
+	struct sp_merge_linux *b = ctx;
+	struct sp_merge_linux_region *r = region;
+	uint64_t t0 = now_ns();
+	int rc;
+
+	if (is_dead(r))
+		return -ESRCH;
+	rc = r->apply(r->tctx, reqs, n);
+	return merged(b, r, reqs, n, rc, now_ns() - t0);
+}
+
+/* Ship the batch; without a split transport, apply it now (and merge_wait
+ * only accounts it). */
+static int op_merge_submit(void *ctx, void *region, struct sp_merge_req *reqs, size_t n)
+{
+	struct sp_merge_linux_region *r = region;
+	uint64_t t0 = now_ns();
+	int rc;
+
+	(void)ctx;
+	if (is_dead(r))
+		return -ESRCH;
+	if (!r->send) {
+		r->submit_rc = r->apply(r->tctx, reqs, n);
+	} else {
+		r->submit_rc = 0;
+		rc = r->send(r->tctx, reqs, n);
+		if (rc)
+			return is_dead(r) ? -ESRCH : (rc < 0 ? rc : -EIO);
+	}
+	r->submit_ns = now_ns() - t0;
+	return 0;
+}
+
+static int op_merge_wait(void *ctx, void *region, struct sp_merge_req *reqs, size_t n)
+{
+	struct sp_merge_linux_region *r = region;
+	uint64_t t0 = now_ns();
+	int rc = r->send ? r->recv(r->tctx, reqs, n) : r->submit_rc;
+
+	return merged(ctx, r, reqs, n, rc, r->submit_ns + now_ns() - t0);
+}
+
 static const struct sp_merge_ops linux_ops = {
 	.changed = op_changed,
 	.read_page = op_read_page,
@@ -847,6 +902,8 @@ static const struct sp_merge_ops linux_ops = {
 	.frame_write = op_frame_write,
 	.frame_free = op_frame_free,
 	.merge = op_merge,
+	.merge_submit = op_merge_submit,
+	.merge_wait = op_merge_wait,
 };
 
 const struct sp_merge_ops *sp_merge_linux_ops(void)

@@ -6,7 +6,9 @@
  * clone's memory must equal its own model (so no clone ever reads another
  * clone's data), the engine's invariants must hold (sp_merge_check), the
  * backend must have seen no contract violation, and after convergence the
- * saving must be what the model says is achievable.
+ * saving must be what the model says is achievable. Tests marked so run
+ * twice: with the synchronous merge op, and with merge_submit/merge_wait
+ * (the batch applied only when the engine waits for it).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -64,6 +66,64 @@ static void gen(unsigned char *p, uint64_t s)
 	}
 }
 
+/*
+ * The asynchronous backend: the in-memory one with merge split in two.
+ * merge_submit only records the batch; merge_wait checks it is the batch
+ * submitted and applies it then, as a slow clone would. Ops run under the
+ * engine's lock, so this state needs no lock of its own.
+ */
+#define NFLIGHT (2 * MAXVM)
+static struct {
+	bool on;                 /* world_init uses the split ops */
+	size_t nin;              /* batches in flight */
+	struct {
+		void *region;
+		struct sp_merge_req *reqs;
+		size_t n;
+		uint64_t reads;  /* backend reads when submitted */
+	} in[NFLIGHT];
+	uint64_t submits, overlapped;
+} as;
+
+static int as_submit(void *ctx, void *region, struct sp_merge_req *reqs,
+		     size_t n)
+{
+	struct sp_merge_mem_stats st;
+	size_t i;
+
+	for (i = 0; i < as.nin; i++)
+		ck_assert_msg(as.in[i].region != region,
+			      "two batches in flight for one region");
+	ck_assert_uint_lt(as.nin, NFLIGHT);
+	ck_assert_uint_gt(n, 0);
+	sp_merge_mem_stats(ctx, &st);
+	as.in[as.nin].region = region;
+	as.in[as.nin].reqs = reqs;
+	as.in[as.nin].n = n;
+	as.in[as.nin].reads = st.reads;
+	as.nin++;
+	as.submits++;
+	return 0;
+}
+
+static int as_wait(void *ctx, void *region, struct sp_merge_req *reqs,
+		   size_t n)
+{
+	struct sp_merge_mem_stats st;
+	size_t i;
+
+	for (i = 0; i < as.nin && as.in[i].region != region; i++)
+		;
+	ck_assert_msg(i < as.nin, "merge_wait without merge_submit");
+	ck_assert_ptr_eq(as.in[i].reqs, reqs);
+	ck_assert_uint_eq(as.in[i].n, n);
+	sp_merge_mem_stats(ctx, &st);
+	if (st.reads > as.in[i].reads)
+		as.overlapped++;   /* the engine read on meanwhile */
+	as.in[i] = as.in[--as.nin];
+	return sp_merge_mem_ops()->merge(ctx, region, reqs, n);
+}
+
 static void add_vm(struct world *w, int i, uint32_t dom)
 {
 	struct sp_merge_region_desc rd;
@@ -117,8 +177,16 @@ static void world_init(struct world *w, int nvm, uint64_t npages,
 	ck_assert_int_eq(sp_merge_mem_create(1u << 20, &w->mm), 0);
 	ck_assert_int_eq(sp_merge_mem_tmpl_create(w->mm, w->tpages, tnpages,
 						  &w->mt), 0);
-	ck_assert_int_eq(sp_merge_create(sp_merge_mem_ops(), w->mm, &w->eng,
-					 &err), 0);
+	{
+		struct sp_merge_ops ops = *sp_merge_mem_ops();
+
+		if (as.on) {
+			ops.merge_submit = as_submit;
+			ops.merge_wait = as_wait;
+		}
+		ck_assert_int_eq(sp_merge_create(&ops, w->mm, &w->eng, &err),
+				 0);
+	}
 	td.handle = w->mt;
 	td.hashes = sp_merge_mem_tmpl_hashes(w->mt);
 	td.npages = tnpages;
@@ -134,6 +202,7 @@ static void world_fini(struct world *w)
 
 	sp_merge_destroy(w->eng);
 	sp_merge_mem_destroy(w->mm);
+	memset(&as, 0, sizeof(as));
 	for (i = 0; i < w->nvm; i++) {
 		free(w->model[i]);
 		free(w->touched[i]);
@@ -187,6 +256,7 @@ static void verify(struct world *w, unsigned flags)
 	}
 	rc = sp_merge_check(w->eng, flags, &err);
 	ck_assert_msg(rc == 0, "sp_merge_check: %s", err.msg);
+	ck_assert_msg(as.nin == 0, "%zu batches in flight between steps", as.nin);
 	sp_merge_mem_stats(w->mm, &st);
 	ck_assert_msg(st.violations == 0, "backend contract: %s", st.violation);
 }
@@ -293,6 +363,7 @@ START_TEST(test_same_runs)
 	uint64_t p, f0 = 0, t;
 	int i;
 
+	as.on = _i;
 	world_init(&w, 4, 64, 64, 1, 1);
 	for (i = 0; i < w.nvm; i++)
 		for (p = 10; p < 42; p++) {
@@ -585,6 +656,7 @@ START_TEST(test_region_remove)
 	uint64_t p;
 	int i;
 
+	as.on = _i;
 	world_init(&w, 4, 16, 16, 1, 7);
 	for (i = 0; i < w.nvm; i++)
 		for (p = 0; p < 8; p++) {
@@ -644,6 +716,7 @@ START_TEST(test_volatile)
 	unsigned char c[PG];
 	int k;
 
+	as.on = _i;
 	world_init(&w, 1, 8, 8, 1, 8);
 	for (k = 0; k < 5; k++) {
 		gen(c, 600 + (uint64_t)k);
@@ -728,6 +801,7 @@ START_TEST(test_merge_races_write)
 	unsigned char c[PG];
 	int i;
 
+	as.on = _i;
 	world_init(&w, 3, 8, 8, 1, 10);
 	race_left = 1;
 	sp_merge_mem_set_merge_hook(w.mm, race_hook, &w);
@@ -780,6 +854,7 @@ START_TEST(test_dead_clone)
 	uint64_t p;
 	int i;
 
+	as.on = _i;
 	world_init(&w, 3, 16, 16, 1, 12);
 	for (i = 0; i < w.nvm; i++)
 		for (p = 0; p < 6; p++) {
@@ -882,7 +957,63 @@ static void model_run(uint64_t seed, int steps)
 
 START_TEST(test_model)
 {
-	model_run((uint64_t)_i + 1, 1500);
+	as.on = _i >= 6;
+	model_run((uint64_t)(_i % 6) + 1, 1500);
+}
+END_TEST
+
+/* With merge_submit/merge_wait, the engine reads and looks up the next
+ * candidates while a batch is applied, and the outcome is the same. */
+START_TEST(test_overlap)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	as.on = true;
+	world_init(&w, 4, 3000, 64, 1, 13);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < w.npages; p++) {
+			if (p % 11 == 5 && p < w.tnpages)
+				continue;   /* stays the template's */
+			gen(c, p % 3 == 0 ? 5000 + p :          /* shared runs */
+			       p % 3 == 1 ? 9000 + p * 4 + (uint64_t)i : /* unique */
+			       7000 + (p * 7 + (uint64_t)i * 13) % 500); /* scatter */
+			wr(&w, i, p, 0, c, PG);
+			if (p % 17 == 2)
+				wr(&w, i, p, 0, w.tpages + (p % w.tnpages) * PG, PG);
+		}
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_uint_gt(as.submits, 8);
+	ck_assert_uint_gt(as.overlapped, 0);
+	/* Rewrite a slice while a scanner-sized step runs. */
+	for (i = 0; i < w.nvm; i++)
+		for (p = 100; p < 1500; p += 3) {
+			gen(c, 5000 + p + (uint64_t)(i & 1));
+			wr(&w, i, p, 0, c, PG);
+		}
+	ck_assert_int_ge(sp_merge_step(w.eng, 1000), 0);
+	verify(&w, 0);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	world_fini(&w);
+}
+END_TEST
+
+/* merge_submit and merge_wait come as a pair. */
+START_TEST(test_async_ops_pair)
+{
+	struct sp_merge_ops ops = *sp_merge_mem_ops();
+	struct sp_error err = { 0 };
+	struct sp_merge *e = NULL;
+
+	ops.merge_submit = as_submit;
+	ck_assert_int_eq(sp_merge_create(&ops, NULL, &e, &err), -EINVAL);
+	ops.merge_submit = NULL;
+	ops.merge_wait = as_wait;
+	ck_assert_int_eq(sp_merge_create(&ops, NULL, &e, &err), -EINVAL);
 }
 END_TEST
 
@@ -911,6 +1042,7 @@ START_TEST(test_scanner)
 	uint64_t p;
 	int i;
 
+	as.on = _i;
 	world_init(&w, 4, 32, 32, 1, 11);
 	sp_merge_mem_set_copy_reads(w.mm, 1);
 	set(&w, "merge.pages_to_scan", 7);
@@ -957,20 +1089,22 @@ static Suite *suite(void)
 
 	tcase_set_timeout(tc, 240);
 	tcase_add_test(tc, test_item_size);
-	tcase_add_test(tc, test_same_runs);
+	tcase_add_loop_test(tc, test_same_runs, 0, 2);
 	tcase_add_test(tc, test_template_targets);
 	tcase_add_test(tc, test_zero_pages);
 	tcase_add_test(tc, test_domains);
 	tcase_add_test(tc, test_max_page_sharing);
 	tcase_add_test(tc, test_knobs);
-	tcase_add_test(tc, test_region_remove);
-	tcase_add_test(tc, test_volatile);
+	tcase_add_loop_test(tc, test_region_remove, 0, 2);
+	tcase_add_loop_test(tc, test_volatile, 0, 2);
 	tcase_add_test(tc, test_idle_costs_nothing);
-	tcase_add_test(tc, test_merge_races_write);
+	tcase_add_loop_test(tc, test_merge_races_write, 0, 2);
 	tcase_add_test(tc, test_knobs_documented);
-	tcase_add_test(tc, test_dead_clone);
-	tcase_add_loop_test(tc, test_model, 0, 6);
-	tcase_add_test(tc, test_scanner);
+	tcase_add_loop_test(tc, test_dead_clone, 0, 2);
+	tcase_add_loop_test(tc, test_model, 0, 12);
+	tcase_add_test(tc, test_overlap);
+	tcase_add_test(tc, test_async_ops_pair);
+	tcase_add_loop_test(tc, test_scanner, 0, 2);
 	suite_add_tcase(s, tc);
 	return s;
 }

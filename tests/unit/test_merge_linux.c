@@ -292,6 +292,37 @@ static int kid_apply(void *ctx, struct sp_merge_req *reqs, size_t n)
 	return 0;
 }
 
+/* The same transport in two halves (send now, answer later), as the
+ * engine's merge_submit/merge_wait use it. */
+static int kid_send(void *ctx, const struct sp_merge_req *reqs, size_t n)
+{
+	static uint8_t msg[MSG_BYTES];
+	struct kid *k = ctx;
+	struct hdr *h = (struct hdr *)msg;
+	size_t len = sizeof(*h) + n * sizeof(*reqs);
+
+	if (len > sizeof(msg))
+		return -E2BIG;
+	*h = (struct hdr){ .op = K_APPLY, .n = (uint32_t)n };
+	memcpy(msg + sizeof(*h), reqs, n * sizeof(*reqs));
+	return send(k->sock, msg, len, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -EPIPE;
+}
+
+static int kid_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
+{
+	static uint8_t msg[MSG_BYTES];
+	struct kid *k = ctx;
+	struct hdr *h = (struct hdr *)msg;
+	size_t len = sizeof(*h) + n * sizeof(*reqs);
+
+	if (recv(k->sock, msg, sizeof(msg), 0) != (ssize_t)len)
+		return -EPIPE;
+	if (h->status)
+		return (int)h->status;
+	memcpy(reqs, msg + sizeof(*h), n * sizeof(*reqs));
+	return 0;
+}
+
 static void kid_read(const struct kid *k, uint64_t page, uint8_t *buf)
 {
 	char path[64];
@@ -996,6 +1027,8 @@ END_TEST
 
 /* ---- end to end with the core -------------------------------------- */
 
+/* Loop 1: with the transport split in send and recv. */
+
 START_TEST(engine_converges)
 {
 	struct sp_merge_linux_tmpl *lt;
@@ -1024,6 +1057,14 @@ START_TEST(engine_converges)
 			.apply = kid_apply, .transport_ctx = k,
 		};
 		struct sp_merge_region_desc d = { .npages = NPAGES, .domain = 0, .tmpl = et };
+
+		if (_i) {   /* the split transport: clones apply while it works */
+			struct sp_merge_linux_region *bad;
+
+			ld.send = kid_send;
+			ck_assert_int_eq(sp_merge_linux_region_add(be, &ld, &bad, &err), -EINVAL);
+			ld.recv = kid_recv;
+		}
 
 		ck_assert_int_eq(sp_merge_linux_region_add(be, &ld, &k->region, &err), 0);
 		d.handle = k->region;
@@ -1126,7 +1167,7 @@ int main(void)
 	tcase_add_test(tc, read_ahead);
 	tcase_add_test(tc, frames_monotonic_and_returned);
 	tcase_add_test(tc, template_reads);
-	tcase_add_test(tc, engine_converges);
+	tcase_add_loop_test(tc, engine_converges, 0, 2);
 	TCase *own = tcase_create("owner");
 	tcase_set_timeout(own, 60);
 	tcase_add_test(own, changed_scan_ioctl);
