@@ -10,7 +10,8 @@
 #
 # Writes bench/results/fanout-*.json, bench/results/density.json,
 # bench/results/density.md (the README table) and bench/results/density.png.
-# BENCH_NS="8 50" limits the sizes; BENCH_LAT_N sets the latency sample;
+# BENCH_NS="8 50" limits the sizes (BENCH_NS="" runs only the latency part);
+# BENCH_LAT_N sets the latency sample;
 # BENCH_REPORT_ONLY=1 only rebuilds the table and chart from the JSON files;
 # BENCH_MERGE=0 skips the merge-engine-vs-KSM benchmark (bench/merge.sh)
 # that otherwise runs at the end.
@@ -18,17 +19,14 @@ set -euo pipefail
 B=${B:-build}
 SP=$B/samepage
 OUT=${OUT:-bench/results}
-NS=${BENCH_NS:-8 50 200 1000}
+NS=${BENCH_NS-8 50 200 1000}
 LAT_N=${BENCH_LAT_N:-200}
 MAX_COPY_BYTES=$((12 << 30))
 mkdir -p "$OUT"
 tmp=$(mktemp -d /tmp/samepage-bench.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 
-runs=()
-if [ "${BENCH_REPORT_ONLY:-0}" = 1 ]; then
-	runs=("$OUT"/fanout-*.json)
-else
+if [ "${BENCH_REPORT_ONLY:-0}" != 1 ]; then
 [ -e /dev/kvm ] || { echo "bench: /dev/kvm is missing" >&2; exit 69; }
 "$SP" snapshot --mem 256M -o "$tmp/golden.ckpt"
 
@@ -40,7 +38,6 @@ fan() { # name mode N workload concurrency
 		--concurrency "$5" --jobs 4 --json --quiet >"$f.tmp"
 	mv "$f.tmp" "$f"
 	echo "bench:   done in $((SECONDS - t0)) s" >&2
-	runs+=("$f")
 }
 for n in $NS; do
 	if [ $((n * 258 << 20)) -le $MAX_COPY_BYTES ]; then
@@ -60,7 +57,7 @@ fi
 {
 	echo "["
 	first=1
-	for f in "${runs[@]}"; do
+	for f in "$OUT"/fanout-*.json; do
 		[ $first = 1 ] || echo ","
 		first=0
 		printf '{"run":"%s","result":' "$(basename "$f" .json)"
