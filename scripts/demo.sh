@@ -54,3 +54,10 @@ done
 echo
 echo "copy = read() into private memory (what bhyve -r does); cow = MAP_PRIVATE of a"
 echo "sealed template; cow-huge = the same on a 2 MiB huge-page template."
+
+echo
+echo "== merge engine: $NCOPY cow clones each write the same 10% of their memory;"
+echo "   the engine shares it again (Path B)"
+"$SP" fanout --ckpt "$dir/golden.ckpt" --clones "$NCOPY" --mode cow --workload same:10% \
+	--merge --ctl-socket "$dir/ctl.sock" --quiet | grep -E '^ +N |^ +[0-9]+ \||^merge'
+
