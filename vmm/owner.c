@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -21,6 +22,7 @@
 #include "vmm/owner.h"
 
 static volatile sig_atomic_t stop;
+static int made_dir;   /* listen_on created the socket's directory */
 
 static void on_stop(int sig)
 {
@@ -143,7 +145,7 @@ static int listen_on(const char *path, struct sp_error *err)
 	slash = strrchr(dir, '/');
 	if (slash && slash != dir) {
 		*slash = '\0';
-		mkdir(dir, 0755);
+		made_dir = mkdir(dir, 0755) == 0;
 	}
 	strcpy(a.sun_path, path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -380,8 +382,19 @@ out:
 	if (eng)
 		sp_merge_stop(eng);
 	if (lfd >= 0) {
+		char dir[PATH_MAX];
+		char *slash;
+
 		close(lfd);
 		unlink(o->ctl_path);
+		/* remove the socket's directory too if we made it and it is
+		 * empty now (rmdir refuses otherwise) */
+		snprintf(dir, sizeof(dir), "%s", o->ctl_path);
+		slash = strrchr(dir, '/');
+		if (made_dir && slash && slash != dir) {
+			*slash = '\0';
+			rmdir(dir);
+		}
 	}
 	for (uint32_t i = 0; eng && i < o->nclones; i++)
 		if (er && er[i])
