@@ -59,18 +59,12 @@ int cmd_snapshot(int argc, char **argv)
 			}
 			o.ram_bytes = v;
 			break;
-		case 'z': {
-			char *end;
-			double p;
-			errno = 0;
-			p = strtod(optarg, &end);
-			if (errno || end == optarg || (*end && strcmp(end, "%")) || !(p >= 0 && p <= 100)) {
+		case 'z':
+			if (sp_probe_parse_pct(optarg, &o.zero_bp)) {
 				tool_err("--zero-pct '%s': need a percentage from 0 to 100", optarg);
 				return EX_USAGE;
 			}
-			o.zero_bp = (unsigned long long)(p * 100 + 0.5);
 			break;
-		}
 		case 's':
 			if (tool_parse_u64(optarg, 0, ~0ull, &v)) {
 				tool_err("--seed '%s': need a non-negative integer", optarg);

@@ -48,19 +48,23 @@ int sp_probe_parse_workload(const char *spec, uint64_t *kind, uint64_t *bp,
 	if (!colon || !colon[1])
 		return sp_error_set(err, -EINVAL, "workload '%s' needs a percentage, e.g. %.*s:10%%",
 				    spec, (int)n, spec);
-	{
-		char *end;
-		double pct;
+	if (sp_probe_parse_pct(colon + 1, bp))
+		return sp_error_set(err, -EINVAL, "bad percentage in workload '%s' (0 to 100)", spec);
+	return 0;
+}
 
-		errno = 0;
-		pct = strtod(colon + 1, &end);
-		if (*end == '%')
-			end++;
-		if (errno || end == colon + 1 || *end || !(pct >= 0 && pct <= 100))
-			return sp_error_set(err, -EINVAL,
-					    "bad percentage in workload '%s' (0 to 100)", spec);
-		*bp = (uint64_t)(pct * 100 + 0.5);
-	}
+int sp_probe_parse_pct(const char *s, uint64_t *bp)
+{
+	char *end;
+	double pct;
+
+	errno = 0;
+	pct = strtod(s, &end);
+	if (*end == '%')
+		end++;
+	if (errno || end == s || *end || !(pct >= 0 && pct <= 100))
+		return -EINVAL;
+	*bp = (uint64_t)(pct * 100 + 0.5);
 	return 0;
 }
 

@@ -35,6 +35,9 @@ int sp_probe_parse_workload(const char *spec, uint64_t *kind, uint64_t *bp,
 			    struct sp_error *err);
 const char *sp_probe_kind_name(uint64_t kind);
 
+/* "12.5", "12.5%" (0 to 100) -> basis points; -EINVAL otherwise. */
+int sp_probe_parse_pct(const char *s, uint64_t *bp);
+
 /* Read the config block the guest wrote at fill time. */
 int sp_probe_config_read(const void *ram, uint64_t ram_bytes,
 			 struct sp_probe_config *c, struct sp_error *err);
