@@ -226,23 +226,30 @@ struct sp_item {
 static_assert(sizeof(struct sp_item) <= 64,
 	      "a candidate page must cost at most 64 bytes (KSM's rmap_item)");
 
-/* A merge target in use. */
+/* A merge target in use. The first 40 bytes are all a stable tree
+ * descent reads. */
 struct sp_stable {
-	RB_ENTRY(sp_stable) tree;        /* (t) stable tree (FRAME heads) or
-					    template node tree (TEMPLATE) */
-	LIST_HEAD(, sp_item) rmap;       /* (t) items merged onto it */
-	LIST_HEAD(, sp_stable) dups;     /* (t) FRAME head: its chain */
-	LIST_ENTRY(sp_stable) dup_link;  /* (t) FRAME dup: chain linkage */
-	struct sp_stable *head;          /* (t) FRAME dup: its head, else NULL */
-	struct sp_merge *eng;            /* (c) */
-	struct sp_domain *dom;           /* (c) FRAME, ZERO */
-	struct sp_merge_template *tmpl;  /* (c) TEMPLATE */
+	union {
+		RB_ENTRY(sp_stable) tree;  /* (t) stable tree (FRAME heads) or
+					      template node tree (TEMPLATE) */
+		struct {
+			LIST_ENTRY(sp_stable) link; /* (t) chain linkage */
+			struct sp_stable *head;     /* (t) its chain's head */
+		} dup;                     /* FRAME dup (is_dup) */
+	} u;
 	uint64_t hash;                   /* (c) XXH3-64 of the content */
 	uint64_t target;                 /* (c) frame number, template page */
+	LIST_HEAD(, sp_item) rmap;       /* (t) items merged onto it */
 	uint32_t nmap;                   /* (t) rmap length */
 	uint32_t npending;               /* (t) requests in the pending batch */
+	LIST_HEAD(, sp_stable) dups;     /* (t) FRAME head: its chain */
+	union {
+		struct sp_domain *dom;           /* (c) FRAME, ZERO */
+		struct sp_merge_template *tmpl;  /* (c) TEMPLATE */
+	};
 	uint32_t ndups;                  /* (t) FRAME head: chain length */
 	uint8_t kind;                    /* (c) enum sp_merge_kind */
+	uint8_t is_dup;                  /* (t) a FRAME dup, off the tree */
 };
 
 RB_HEAD(sp_stree, sp_stable);   /* FRAME heads by (hash, content) */
@@ -267,6 +274,9 @@ struct sp_merge_template {
 	const uint64_t *hashes;             /* (c) borrowed, npages long */
 	uint64_t npages;                    /* (c) */
 	uint32_t *by_hash;                  /* (c) page numbers by hashes[] */
+	uint64_t *filter;                   /* (c) bit (hash & fmask) set for
+					       every page's hash */
+	uint64_t fmask;                     /* (c) bits in filter - 1 */
 	struct sp_ttree nodes;              /* (t) TEMPLATE nodes in use */
 	uint32_t nregions;                  /* (t) */
 };
@@ -288,6 +298,7 @@ struct sp_merge_region {
 struct pend {
 	struct sp_item *it;
 	struct sp_stable *node;
+	bool predicted;   /* queued unread, on its sibling's target */
 };
 
 /* One region's batch of the flush in flight: pend and reqs [at, at + n). */
@@ -304,7 +315,7 @@ enum { S_PAGES_SHARED, S_PAGES_SHARING, S_PAGES_UNSHARED, S_PAGES_VOLATILE,
        S_PAGES_SCANNED, S_FULL_SCANS, S_GENERAL_PROFIT, S_ZERO_PAGES,
        S_CHAINS, S_DUPS, S_PAGES_TEMPLATE, S_PAGES_MERGED, S_RMAP_ITEMS,
        S_FRAMES, S_MERGES, S_MERGES_FAILED, S_METADATA, S_REGIONS,
-       S_BACKEND_ERRORS, S_CONVERGED, NSTAT };
+       S_BACKEND_ERRORS, S_CONVERGED, S_PREDICTED, S_MISPREDICTED, NSTAT };
 
 enum phase { PH_COLLECT, PH_SETTLE, PH_RETRY, PH_END };
 
@@ -456,7 +467,8 @@ static int node_content(struct sp_merge *e, const struct sp_stable *n, int b,
 /* Stable tree: digest, then frame content (frames are immutable). */
 static int scmp(const struct sp_stable *a, const struct sp_stable *b)
 {
-	struct sp_merge *e = a->eng;
+	/* only ever called under the tree lock, by this thread */
+	struct sp_merge *e = (struct sp_merge *)tls_locked;
 	const void *pa, *pb;
 
 	if (a->hash != b->hash)
@@ -466,13 +478,13 @@ static int scmp(const struct sp_stable *a, const struct sp_stable *b)
 		return cmp_u64(a->target, b->target); /* backend failure */
 	return memcmp(pa, pb, PAGE);
 }
-RB_GENERATE_STATIC(sp_stree, sp_stable, tree, scmp)
+RB_GENERATE_STATIC(sp_stree, sp_stable, u.tree, scmp)
 
 static int tcmp(const struct sp_stable *a, const struct sp_stable *b)
 {
 	return cmp_u64(a->target, b->target);
 }
-RB_GENERATE_STATIC(sp_ttree, sp_stable, tree, tcmp)
+RB_GENERATE_STATIC(sp_ttree, sp_stable, u.tree, tcmp)
 
 static int dcmp(const struct sp_domain *a, const struct sp_domain *b)
 {
@@ -658,7 +670,6 @@ static struct sp_stable *node_alloc(struct sp_merge *e, int kind)
 
 	if (n == NULL)
 		return NULL;
-	n->eng = e;
 	n->kind = (uint8_t)kind;
 	LIST_INIT(&n->rmap);
 	LIST_INIT(&n->dups);
@@ -721,10 +732,10 @@ static void node_free(struct sp_merge *e, struct sp_stable *n)
 		n->dom->zero = NULL;
 		break;
 	default:
-		if (n->head != NULL) {
-			struct sp_stable *h = n->head;
+		if (n->is_dup) {
+			struct sp_stable *h = n->u.dup.head;
 
-			LIST_REMOVE(n, dup_link);
+			LIST_REMOVE(n, u.dup.link);
 			chain_account(e, h->ndups, h->ndups - 1);
 			h->ndups--;
 		} else {
@@ -733,12 +744,12 @@ static void node_free(struct sp_merge *e, struct sp_stable *n)
 				/* The first dup takes the head's place. */
 				struct sp_stable *m = LIST_FIRST(&n->dups), *x;
 
-				LIST_REMOVE(m, dup_link);
-				m->head = NULL;
+				LIST_REMOVE(m, u.dup.link);
+				m->is_dup = 0;
 				while ((x = LIST_FIRST(&n->dups)) != NULL) {
-					LIST_REMOVE(x, dup_link);
-					x->head = m;
-					LIST_INSERT_HEAD(&m->dups, x, dup_link);
+					LIST_REMOVE(x, u.dup.link);
+					x->u.dup.head = m;
+					LIST_INSERT_HEAD(&m->dups, x, u.dup.link);
 				}
 				m->ndups = n->ndups - 1;
 				chain_account(e, n->ndups, m->ndups);
@@ -847,8 +858,13 @@ static struct sp_stable *zero_node(struct sp_merge *e, struct sp_domain *d)
 static int64_t tmpl_search(struct sp_merge *e, struct sp_merge_template *t,
 			   uint64_t hash, const void *content)
 {
-	uint64_t lo = 0, hi = t->npages;
+	uint64_t lo = 0, hi = t->npages, bit = hash & t->fmask;
 
+	/* Most candidates equal no template page: one bit, eight per
+	 * template page, turns ~88% of them away with one cache miss
+	 * instead of a binary search's dozen. */
+	if (!(t->filter[bit / 64] >> (bit % 64) & 1))
+		return -1;
 	while (lo < hi) {
 		uint64_t mid = lo + (hi - lo) / 2;
 
@@ -885,7 +901,7 @@ static struct sp_stable *stable_find(struct sp_merge *e, struct sp_domain *d,
 			if (c == 0)
 				return n;
 		}
-		n = c < 0 ? RB_LEFT(n, tree) : RB_RIGHT(n, tree);
+		n = c < 0 ? RB_LEFT(n, u.tree) : RB_RIGHT(n, u.tree);
 	}
 	return NULL;
 }
@@ -898,7 +914,7 @@ static struct sp_stable *chain_pick(struct sp_merge *e, struct sp_stable *h)
 
 	if ((uint64_t)h->nmap + h->npending < max)
 		return h;
-	LIST_FOREACH(m, &h->dups, dup_link)
+	LIST_FOREACH(m, &h->dups, u.dup.link)
 		if ((uint64_t)m->nmap + m->npending < max)
 			return m;
 	return NULL;
@@ -976,19 +992,30 @@ static int pend_cmp(const void *a, const void *b)
 	return cmp_u64(x->it->page, y->it->page);
 }
 
-static void queue(struct sp_merge *e, struct sp_item *it, struct sp_stable *n)
+/* Queue a merge of it onto n. A pending item names its node (in the
+ * rmap member, unused until it is merged), so that predict() can see
+ * where its neighbours are going before the batch is applied. */
+static void queue_as(struct sp_merge *e, struct sp_item *it,
+		     struct sp_stable *n, bool predicted)
 {
 	TREE_LOCK_ASSERT(e);
 	assert(e->npend < PEND_MAX);
 	n->npending++;
 	it->state = ST_PENDING;
+	it->u.rmap.node = n;
 	e->pend[e->npend].it = it;
 	e->pend[e->npend].node = n;
+	e->pend[e->npend].predicted = predicted;
 	e->npend++;
 }
 
+static void queue(struct sp_merge *e, struct sp_item *it, struct sp_stable *n)
+{
+	queue_as(e, it, n, false);
+}
+
 static void finish(struct sp_merge *e, struct sp_item *it, struct sp_stable *n,
-		   int res)
+		   bool predicted, int res)
 {
 	TREE_LOCK_ASSERT(e);
 	n->npending--;
@@ -996,6 +1023,16 @@ static void finish(struct sp_merge *e, struct sp_item *it, struct sp_stable *n,
 	if (res == 0) {
 		rmap_add(e, n, it);
 		stat_add(e, S_MERGES, 1);
+	} else if (res == -EAGAIN && predicted) {
+		/* Its content is not its sibling's: read and look it up in
+		 * this very pass (the settle phase takes entries of earlier
+		 * passes first; the head keeps the list in pass order). */
+		stat_add(e, S_MERGES_FAILED, 1);
+		stat_add(e, S_MISPREDICTED, 1);
+		it->state = ST_SETTLE;
+		it->pass = pass_prev(e->pass);
+		TAILQ_INSERT_HEAD(&e->settle, it, u.later);
+		e->nsettle++;
 	} else {
 		stat_add(e, S_MERGES_FAILED, 1);
 		if (res == -EAGAIN)
@@ -1022,7 +1059,8 @@ static void finish_batch(struct sp_merge *e, struct pend *pend,
 			reqs[k].result = rc;
 	}
 	for (k = b->at; k < b->at + b->n; k++)
-		finish(e, pend[k].it, pend[k].node, reqs[k].result);
+		finish(e, pend[k].it, pend[k].node, pend[k].predicted,
+		       reqs[k].result);
 }
 
 /* Wait for the flush in flight, if any, and account its results. */
@@ -1149,10 +1187,12 @@ static struct sp_item *unstable_match(struct sp_merge *e, struct sp_domain *d,
 
 /* Decide what the candidate it (content just read, hash its XXH3-64)
  * merges onto, cheapest target first, and queue the merge; or put it in
- * the unstable tree. */
+ * the unstable tree. twin: its sibling's unstable item at the same
+ * offset, or NULL. */
 static void classify(struct sp_merge *e, struct sp_item *it,
-		     const void *content, uint64_t hash)
+		     const void *content, uint64_t hash, struct sp_item *twin)
 {
+	bool twin_unread = false;
 	struct sp_merge_region *r = item_region(e, it);
 	struct sp_merge_template *t = r->tmpl;
 	struct sp_domain *d = r->dom;
@@ -1188,8 +1228,9 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 			/* Every node of the chain is full: a new dup. */
 			m = frame_node_new(e, d, it, content, hash);
 			if (m != NULL) {
-				m->head = n;
-				LIST_INSERT_HEAD(&n->dups, m, dup_link);
+				m->is_dup = 1;
+				m->u.dup.head = n;
+				LIST_INSERT_HEAD(&n->dups, m, u.dup.link);
 				chain_account(e, n->ndups, n->ndups + 1);
 				n->ndups++;
 			}
@@ -1197,8 +1238,22 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 		n = m;
 		goto merge;
 	}
-	/* 5. An equal page waiting in the unstable tree: share a new frame. */
-	u = unstable_match(e, d, (uint32_t)hash, content);
+	/* 5. An equal page waiting in the unstable tree: share a new frame.
+	 * The sibling's page at the same offset with the same digest is
+	 * taken unread, as a prediction: its own merge compares it with the
+	 * frame (this page's content), and if that fails it is read and
+	 * looked up again; the frame then serves this page alone until a
+	 * twin comes. */
+	if (twin != NULL && twin->csum == (uint32_t)hash &&
+	    item_region(e, twin)->dom == d) {
+		RB_REMOVE(sp_utree, &d->unstable, twin);
+		stat_add(e, S_PAGES_UNSHARED, -1);
+		twin->state = ST_NONE;
+		u = twin;
+		twin_unread = true;
+	} else {
+		u = unstable_match(e, d, (uint32_t)hash, content);
+	}
 	if (u != NULL) {
 		n = frame_node_new(e, d, it, content, hash);
 		if (n == NULL) {
@@ -1208,7 +1263,9 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 		}
 		n->dom = d;
 		RB_INSERT(sp_stree, &d->stable, n);
-		queue(e, u, n);
+		if (twin_unread)
+			stat_add(e, S_PREDICTED, 1);
+		queue_as(e, u, n, twin_unread);
 		queue(e, it, n);
 		return;
 	}
@@ -1238,11 +1295,46 @@ static int load(struct sp_merge *e, struct sp_item *it, const void **content,
 	return 0;
 }
 
-/* A page of r was reported changed. */
-static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
-			 uint32_t page)
+/* The item of sib at the same offset as page of r, if it can guide r's
+ * page: sib polled before r, same domain and template. NULL if none. */
+static struct sp_item *sib_item(struct sp_merge_region *sib, uint32_t page)
 {
-	struct sp_item *it = item_find(r, page);
+	if (sib == NULL || page >= sib->npages)
+		return NULL;
+	return item_find(sib, page);
+}
+
+/* The target s (the sibling's item at the same offset) is merged onto, or
+ * on its way to, if page of r may merge onto it too (same domain for
+ * frames and the zero page, room left in a frame's chain); else NULL. */
+static struct sp_stable *predict(struct sp_merge *e, struct sp_merge_region *r,
+				 const struct sp_item *s)
+{
+	struct sp_stable *n;
+
+	TREE_LOCK_ASSERT(e);
+	if (s == NULL || (s->state != ST_MERGED && s->state != ST_PENDING))
+		return NULL;
+	n = s->u.rmap.node;
+	switch (n->kind) {
+	case SP_MERGE_TEMPLATE:
+		return n->tmpl == r->tmpl ? n : NULL;
+	case SP_MERGE_ZERO:
+		return n->dom == r->dom && knob(e, K_USE_ZERO_PAGES) ? n : NULL;
+	default:
+		return n->dom == r->dom ? chain_pick(e, n->is_dup ? n->u.dup.head : n)
+					: NULL;
+	}
+}
+
+/* A page of r was reported changed. sib: the region polled before r in
+ * r's domain (NULL if none), whose page at the same offset predicts this
+ * one's content the first time it is reported. */
+static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
+			 struct sp_merge_region *sib, uint32_t page)
+{
+	struct sp_item *it = item_find(r, page), *s;
+	struct sp_stable *n;
 	const void *content;
 	uint32_t prev_pass = 0, prev_csum = 0;
 	bool fresh = it == NULL;
@@ -1262,6 +1354,19 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 	}
 	reserve(e);
 	it->pass = e->pass;
+	/* Clones write the same bytes at the same offsets: a page written
+	 * for the first time is proposed, unread, for its sibling's target.
+	 * The backend compares it with the target before it maps anything
+	 * (the merge op's contract), so a wrong guess costs one comparison
+	 * and the page is read and looked up later in this pass. */
+	s = fresh ? sib_item(sib, page) : NULL;
+	if ((n = predict(e, r, s)) != NULL) {
+		it->csum = (uint32_t)n->hash;
+		stat_add(e, S_PAGES_SCANNED, 1);
+		stat_add(e, S_PREDICTED, 1);
+		queue_as(e, it, n, true);
+		return;
+	}
 	if (load(e, it, &content, &hash) != 0)
 		return;
 	it->csum = (uint32_t)hash;
@@ -1269,7 +1374,8 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 		to_settle(e, it);   /* volatile: changing pass after pass */
 		return;
 	}
-	classify(e, it, content, hash);
+	classify(e, it, content, hash,
+		 s != NULL && s->state == ST_UNSTABLE ? s : NULL);
 }
 
 /* An item that waited (settle or retry) gets its turn. */
@@ -1284,7 +1390,7 @@ static void revisit(struct sp_merge *e, struct sp_item *it)
 	if (load(e, it, &content, &hash) != 0)
 		return;
 	it->csum = (uint32_t)hash;
-	classify(e, it, content, hash);
+	classify(e, it, content, hash, NULL);
 }
 
 /* --- passes and steps ------------------------------------------------- */
@@ -1349,6 +1455,24 @@ static struct sp_merge_region *next_region(struct sp_merge *e)
 	return NULL;
 }
 
+/* The region before r in polling order (wrapping) bound to r's domain and
+ * template, or NULL. */
+static struct sp_merge_region *sibling(struct sp_merge *e,
+				       const struct sp_merge_region *r)
+{
+	uint32_t k;
+
+	TREE_LOCK_ASSERT(e);
+	for (k = 1; k < e->rtab_len; k++) {
+		struct sp_merge_region *s =
+			e->rtab[(r->id + e->rtab_len - k) % e->rtab_len];
+
+		if (s != NULL && s->dom == r->dom && s->tmpl == r->tmpl)
+			return s;
+	}
+	return NULL;
+}
+
 static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 {
 	struct sp_item *it;
@@ -1360,17 +1484,21 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 	while (!res->pass_done) {
 		switch (e->phase) {
 		case PH_COLLECT: {
-			struct sp_merge_region *r = next_region(e);
+			struct sp_merge_region *r = next_region(e), *sib;
 			size_t cap, i;
 			int n;
 
 			if (r == NULL) {
+				/* Results first: a wrong prediction joins the
+				 * settle list for this very pass. */
+				drain(e);
 				e->phase = PH_SETTLE;
 				break;
 			}
 			if (budget == 0)
 				goto out;
 			cap = budget < CHG_CHUNK ? (size_t)budget : CHG_CHUNK;
+			sib = sibling(e, r);
 			n = e->ops.changed(e->ctx, r->handle, e->chg, cap);
 			if (n < 0 || (size_t)n > cap) {
 				stat_add(e, S_BACKEND_ERRORS, 1);
@@ -1383,7 +1511,7 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 					stat_add(e, S_BACKEND_ERRORS, 1);
 					continue;
 				}
-				changed_page(e, r, (uint32_t)e->chg[i]);
+				changed_page(e, r, sib, (uint32_t)e->chg[i]);
 			}
 			if (n > 0)
 				e->pass_changed = true;
@@ -1526,7 +1654,7 @@ static void free_domain_nodes(struct sp_domain *d)
 	while ((n = RB_MIN(sp_stree, &d->stable)) != NULL) {
 		RB_REMOVE(sp_stree, &d->stable, n);
 		while ((m = LIST_FIRST(&n->dups)) != NULL) {
-			LIST_REMOVE(m, dup_link);
+			LIST_REMOVE(m, u.dup.link);
 			free(m);
 		}
 		free(n);
@@ -1561,6 +1689,7 @@ void sp_merge_destroy(struct sp_merge *e)
 			RB_REMOVE(sp_ttree, &t->nodes, n);
 			free(n);
 		}
+		free(t->filter);
 		free(t->by_hash);
 		free(t);
 	}
@@ -1598,6 +1727,13 @@ static int hash_page_cmp(const void *a, const void *b)
 	return cmp_u64(x->page, y->page);
 }
 
+/* Metadata of a template: the hash index and its filter. */
+static int64_t tmpl_bytes(const struct sp_merge_template *t)
+{
+	return (int64_t)(sizeof(*t) + t->npages * sizeof(*t->by_hash) +
+			 (t->fmask + 1) / 8);
+}
+
 int sp_merge_template_add(struct sp_merge *e,
 			  const struct sp_merge_template_desc *desc,
 			  struct sp_merge_template **out, struct sp_error *err)
@@ -1621,8 +1757,13 @@ int sp_merge_template_add(struct sp_merge *e,
 		return sp_error_set(err, -ENOMEM,
 				    "merge template: out of memory for the hash index");
 	}
+	for (t->fmask = 63; t->fmask < desc->npages * 8 - 1;)
+		t->fmask = t->fmask * 2 + 1;
+	t->filter = calloc((t->fmask + 1) / 64, sizeof(uint64_t));
 	hp = malloc(desc->npages * sizeof(*hp));
-	if (hp == NULL) {
+	if (hp == NULL || t->filter == NULL) {
+		free(hp);
+		free(t->filter);
 		free(t->by_hash);
 		free(t);
 		return sp_error_set(err, -ENOMEM,
@@ -1633,8 +1774,11 @@ int sp_merge_template_add(struct sp_merge *e,
 	t->npages = desc->npages;
 	RB_INIT(&t->nodes);
 	for (i = 0; i < t->npages; i++) {
+		uint64_t bit = t->hashes[i] & t->fmask;
+
 		hp[i].hash = t->hashes[i];
 		hp[i].page = (uint32_t)i;
+		t->filter[bit / 64] |= 1ull << (bit % 64);
 	}
 	qsort(hp, t->npages, sizeof(*hp), hash_page_cmp);
 	for (i = 0; i < t->npages; i++)
@@ -1642,7 +1786,7 @@ int sp_merge_template_add(struct sp_merge *e,
 	free(hp);
 	tree_lock(e);
 	LIST_INSERT_HEAD(&e->templates, t, link);
-	meta(e, (int64_t)(sizeof(*t) + t->npages * sizeof(*t->by_hash)));
+	meta(e, tmpl_bytes(t));
 	tree_unlock(e);
 	*out = t;
 	return 0;
@@ -1657,8 +1801,9 @@ int sp_merge_template_remove(struct sp_merge *e, struct sp_merge_template *t)
 	}
 	assert(RB_EMPTY(&t->nodes));
 	LIST_REMOVE(t, link);
-	meta(e, -(int64_t)(sizeof(*t) + t->npages * sizeof(*t->by_hash)));
+	meta(e, -tmpl_bytes(t));
 	tree_unlock(e);
+	free(t->filter);
 	free(t->by_hash);
 	free(t);
 	return 0;
@@ -1938,6 +2083,10 @@ static const struct ctl {
 	     "backend ops that failed unexpectedly, cumulative"),
 	STAT("converged", S_CONVERGED,
 	     "1 if the last full pass found no changed page and none waits to settle"),
+	STAT("pages_predicted", S_PREDICTED,
+	     "new candidates proposed unread for the target of the page at the same offset of a sibling region, cumulative"),
+	STAT("pages_mispredicted", S_MISPREDICTED,
+	     "of those, pages whose content differed (then read and looked up as usual), cumulative"),
 };
 #define NCTL (sizeof(ctls) / sizeof(ctls[0]))
 
@@ -2169,7 +2318,7 @@ static int check_domain(struct sp_merge *e, struct sp_domain *d, unsigned flags,
 	RB_FOREACH(n, sp_stree, &d->stable) {
 		uint32_t k = 0;
 
-		if (n->kind != SP_MERGE_FRAME || n->head != NULL || n->dom != d)
+		if (n->kind != SP_MERGE_FRAME || n->is_dup || n->dom != d)
 			FAIL("stable tree of domain %u: bad head (kind %u)",
 			     d->id, n->kind);
 		if (prev != NULL && scmp(prev, n) >= 0)
@@ -2177,9 +2326,9 @@ static int check_domain(struct sp_merge *e, struct sp_domain *d, unsigned flags,
 			     d->id, (unsigned long long)n->target);
 		if ((rc = check_node(e, n, flags, t, err)) != 0)
 			goto out;
-		LIST_FOREACH(m, &n->dups, dup_link) {
+		LIST_FOREACH(m, &n->dups, u.dup.link) {
 			k++;
-			if (m->head != n || m->kind != SP_MERGE_FRAME ||
+			if (!m->is_dup || m->u.dup.head != n || m->kind != SP_MERGE_FRAME ||
 			    m->dom != d || m->hash != n->hash || m->ndups != 0)
 				FAIL("chain of frame %llu: bad dup %llu",
 				     (unsigned long long)n->target,

@@ -389,6 +389,75 @@ START_TEST(test_same_runs)
 			ck_assert_uint_eq(t, f0 + (p - 10));
 		}
 	ck_assert_int_gt(ctl(&w, "stats.merge.general_profit"), 0);
+	/* Clone 1 was read and found clone 0's pages (read once, to enter
+	 * the unstable tree) by digest at the same offsets, so took them
+	 * unread; 2 and 3 followed their sibling's frames unread. */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_predicted"), 3 * 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_mispredicted"), 0);
+	world_fini(&w);
+}
+END_TEST
+
+/* A page whose sibling's page at the same offset holds other bytes is
+ * proposed for the sibling's frame, refused by the backend's comparison,
+ * then read and merged where it belongs, in the same pass. */
+START_TEST(test_mispredict)
+{
+	struct world w;
+	unsigned char a[PG], b[PG];
+	uint64_t t, ta;
+	int i;
+
+	as.on = _i;
+	world_init(&w, 4, 16, 16, 1, 3);
+	gen(a, 61);
+	gen(b, 62);
+	for (i = 0; i < w.nvm; i++)
+		wr(&w, i, 5, 0, i < 2 ? a : b, PG);
+	verify(&w, 0);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 2);
+	/* clone 0 taken as clone 1's twin; 2 and 3 guessed onto a's frame */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_predicted"), 3);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_mispredicted"), 2);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[0], 5, &ta), SP_MERGE_FRAME);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[2], 5, &t), SP_MERGE_FRAME);
+	ck_assert_uint_ne(t, ta);
+	converge(&w);
+	world_fini(&w);
+}
+END_TEST
+
+/* A twin taken by digest that changed since it was read is refused by
+ * its own merge: it keeps its bytes, the frame serves the other page.
+ * (Round robin polling, with merge_submit: one page of each clone per
+ * step.) */
+START_TEST(test_twin_changed)
+{
+	struct world w;
+	unsigned char a[PG], b[PG];
+	uint64_t t;
+
+	as.on = true;
+	world_init(&w, 2, 16, 16, 1, 5);
+	gen(a, 71);
+	gen(b, 72);
+	wr(&w, 0, 5, 0, a, PG);
+	wr(&w, 1, 5, 0, a, PG);
+	ck_assert_int_eq(sp_merge_step(w.eng, 1), 1);   /* clone 0: unstable */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_unshared"), 1);
+	wr(&w, 0, 5, 0, b, PG);
+	ck_assert_int_eq(sp_merge_step(w.eng, 1), 1);   /* clone 1: a frame */
+	verify(&w, 0);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_mispredicted"), 1);
+	ck_assert_int_eq(ctl(&w, "stats.merge.frames_allocated"), 1);
+	ck_assert_int_eq(sp_merge_mem_page_map(w.vm[1], 5, &t), SP_MERGE_FRAME);
+	ck_assert_int_ne(sp_merge_mem_page_map(w.vm[0], 5, &t), SP_MERGE_FRAME);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 0);
 	world_fini(&w);
 }
 END_TEST
@@ -952,6 +1021,7 @@ static void model_run(uint64_t seed, int steps)
 	converge(&w);
 	ck_assert_int_eq(saving(&w), achievable(&w));
 	ck_assert_int_eq(ctl(&w, "stats.merge.merges_failed") > 0, 1);
+	ck_assert_int_gt(ctl(&w, "stats.merge.pages_predicted"), 0);
 	world_fini(&w);
 }
 
@@ -1090,6 +1160,8 @@ static Suite *suite(void)
 	tcase_set_timeout(tc, 240);
 	tcase_add_test(tc, test_item_size);
 	tcase_add_loop_test(tc, test_same_runs, 0, 2);
+	tcase_add_loop_test(tc, test_mispredict, 0, 2);
+	tcase_add_test(tc, test_twin_changed);
 	tcase_add_test(tc, test_template_targets);
 	tcase_add_test(tc, test_zero_pages);
 	tcase_add_test(tc, test_domains);
