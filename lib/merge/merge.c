@@ -12,7 +12,7 @@
  * backed by a *template* (the checkpoint's memory, mapped MAP_PRIVATE) so
  * that an unwritten page reads the template page at its own offset. Only
  * pages the backend reports as changed are *candidates*; the core gives
- * each one an item (struct sp_item, 64 bytes, the rmap_item equivalent)
+ * each one an item (struct sp_item, 48 bytes, the rmap_item equivalent)
  * the first time it is reported and keeps it while the region lives.
  * Pages never written cost nothing and are never read.
  *
@@ -189,6 +189,7 @@
 #define PEND_MAX 1024u        /* merge requests per flush */
 #define ITEMS_PER_CHUNK 1024u /* item pool growth */
 #define RETRY_BACKOFF_MAX 64u /* passes */
+#define NO_ITEM UINT32_MAX    /* no item id */
 
 enum item_state {
 	ST_FREE = 0,   /* in the pool's free list */
@@ -214,17 +215,16 @@ struct sp_item {
 			struct sp_stable *node;
 		} rmap;
 		TAILQ_ENTRY(sp_item) later;        /* ST_SETTLE, ST_RETRY */
-		struct sp_item *free_next;         /* ST_FREE */
+		uint32_t free_next;                /* ST_FREE: next free id */
 	} u;
-	SPLAY_ENTRY(sp_item) by_page;  /* region's index, by page */
 	uint32_t page;                 /* page index in the region */
 	uint32_t region;               /* region id (engine's rtab) */
 	uint32_t csum;                 /* low 32 bits of XXH3-64 at last read */
 	unsigned int state : 3;        /* enum item_state */
 	unsigned int pass : PASS_BITS; /* pass of the last report or wait */
 };
-static_assert(sizeof(struct sp_item) <= 64,
-	      "a candidate page must cost at most 64 bytes (KSM's rmap_item)");
+static_assert(sizeof(struct sp_item) <= 48,
+	      "a candidate page's item is 48 bytes (KSM's rmap_item: 64)");
 
 /* A merge target in use. The first 40 bytes are all a stable tree
  * descent reads. */
@@ -255,7 +255,6 @@ struct sp_stable {
 RB_HEAD(sp_stree, sp_stable);   /* FRAME heads by (hash, content) */
 RB_HEAD(sp_ttree, sp_stable);   /* TEMPLATE nodes by page */
 RB_HEAD(sp_utree, sp_item);     /* unstable: (csum, region, page) */
-SPLAY_HEAD(sp_merge_pidx, sp_item); /* a region's items by page */
 
 /* A merge domain: its own trees. */
 struct sp_domain {
@@ -288,7 +287,10 @@ struct sp_merge_region {
 	uint32_t id;                    /* (c) index in the engine's rtab */
 	uint32_t domain;                /* (c) */
 	struct sp_domain *dom;          /* (t) bound domain */
-	struct sp_merge_pidx items;     /* (t) */
+	uint32_t *islot;                /* (t) its items' ids by page: open
+					   addressing, linear probing,
+					   2^ibits slots, NO_ITEM empty */
+	uint32_t ibits;                 /* (t) */
 	uint64_t nitems;                /* (t) */
 	uint32_t collected;             /* (t) last pass that collected all
 					   of its changes */
@@ -339,7 +341,7 @@ struct sp_merge {
 	TAILQ_HEAD(, sp_item) retry;    /* (t) */
 	uint64_t nsettle, nretry;       /* (t) */
 
-	struct sp_item *free_items;     /* (t) item pool */
+	uint32_t free_items;            /* (t) item pool: first free id */
 	struct sp_item **chunks;        /* (t) */
 	size_t nchunks, chunks_cap;     /* (t) */
 
@@ -492,12 +494,6 @@ static int dcmp(const struct sp_domain *a, const struct sp_domain *b)
 }
 RB_GENERATE_STATIC(sp_dtree, sp_domain, link, dcmp)
 
-static int pcmp(const struct sp_item *a, const struct sp_item *b)
-{
-	return cmp_u64(a->page, b->page);
-}
-SPLAY_PROTOTYPE(sp_merge_pidx, sp_item, by_page, pcmp)
-SPLAY_GENERATE(sp_merge_pidx, sp_item, by_page, pcmp)
 
 /* --- content reads ---------------------------------------------------- */
 
@@ -543,16 +539,111 @@ static void meta(struct sp_merge *e, int64_t bytes)
 	stat_add(e, S_METADATA, bytes);
 }
 
+/*
+ * Items live in chunks of ITEMS_PER_CHUNK and are named by a 32-bit id
+ * (chunk * ITEMS_PER_CHUNK + slot): the pool's free list and the regions'
+ * page indexes hold ids, 4 bytes instead of a pointer or a tree entry.
+ */
+static struct sp_item *item_at(const struct sp_merge *e, uint32_t id)
+{
+	return &e->chunks[id / ITEMS_PER_CHUNK][id % ITEMS_PER_CHUNK];
+}
+
+/* A region's page index: home slot of page (Fibonacci hashing). */
+static uint32_t pidx_home(const struct sp_merge_region *r, uint32_t page)
+{
+	return (uint32_t)(((uint64_t)page * 0x9E3779B97F4A7C15ull) >>
+			  (64 - r->ibits));
+}
+
+static uint32_t pidx_mask(const struct sp_merge_region *r)
+{
+	return (1u << r->ibits) - 1;
+}
+
+/* The slot holding page's item, or -1. */
+static int64_t pidx_slot(const struct sp_merge *e,
+			 const struct sp_merge_region *r, uint32_t page)
+{
+	uint32_t k;
+
+	if (r->islot == NULL)
+		return -1;
+	for (k = pidx_home(r, page); r->islot[k] != NO_ITEM;
+	     k = (k + 1) & pidx_mask(r))
+		if (item_at(e, r->islot[k])->page == page)
+			return k;
+	return -1;
+}
+
+static void pidx_put(const struct sp_merge_region *r, uint32_t id,
+		     uint32_t page)
+{
+	uint32_t k = pidx_home(r, page);
+
+	while (r->islot[k] != NO_ITEM)
+		k = (k + 1) & pidx_mask(r);
+	r->islot[k] = id;
+}
+
+/* Make room for one more item: at most 3/4 of the slots in use. */
+static int pidx_reserve(struct sp_merge *e, struct sp_merge_region *r)
+{
+	uint32_t *old = r->islot, obits = r->ibits, nbits, k;
+
+	if (old != NULL && (r->nitems + 1) * 4 <= 3ull << obits)
+		return 0;
+	nbits = old != NULL ? obits + 1 : 6;
+	if (nbits > 32)
+		return -ENOMEM;
+	r->islot = malloc(sizeof(*r->islot) << nbits);
+	if (r->islot == NULL) {
+		r->islot = old;
+		return -ENOMEM;
+	}
+	memset(r->islot, 0xff, sizeof(*r->islot) << nbits);
+	r->ibits = nbits;
+	for (k = 0; old != NULL && k < 1u << obits; k++)
+		if (old[k] != NO_ITEM)
+			pidx_put(r, old[k], item_at(e, old[k])->page);
+	free(old);
+	meta(e, (int64_t)(sizeof(*r->islot) << nbits) -
+		(old != NULL ? (int64_t)(sizeof(*r->islot) << obits) : 0));
+	return 0;
+}
+
+static void pidx_free(struct sp_merge *e, struct sp_merge_region *r)
+{
+	if (r->islot != NULL)
+		meta(e, -(int64_t)(sizeof(*r->islot) << r->ibits));
+	free(r->islot);
+	r->islot = NULL;
+}
+
+/* Back to the pool: its state, the free list. */
+static void item_release(struct sp_merge *e, struct sp_merge_region *r,
+			 struct sp_item *it, uint32_t id)
+{
+	r->nitems--;
+	stat_add(e, S_RMAP_ITEMS, -1);
+	it->state = ST_FREE;
+	it->u.free_next = e->free_items;
+	e->free_items = id;
+}
+
 static struct sp_item *item_new(struct sp_merge *e, struct sp_merge_region *r,
 				uint32_t page)
 {
 	struct sp_item *it;
+	uint32_t id;
 
 	TREE_LOCK_ASSERT(e);
-	if (e->free_items == NULL) {
+	if (e->free_items == NO_ITEM) {
 		struct sp_item *c;
 		size_t i;
 
+		if (e->nchunks >= (NO_ITEM / ITEMS_PER_CHUNK) - 1)
+			return NULL;
 		if (e->nchunks == e->chunks_cap) {
 			size_t cap = e->chunks_cap ? e->chunks_cap * 2 : 16;
 			struct sp_item **nc = realloc(e->chunks,
@@ -567,44 +658,35 @@ static struct sp_item *item_new(struct sp_merge *e, struct sp_merge_region *r,
 		if (c == NULL)
 			return NULL;
 		meta(e, ITEMS_PER_CHUNK * sizeof(*c));
-		e->chunks[e->nchunks++] = c;
 		for (i = ITEMS_PER_CHUNK; i-- > 0;) {
 			c[i].u.free_next = e->free_items;
-			e->free_items = &c[i];
+			e->free_items = (uint32_t)(e->nchunks * ITEMS_PER_CHUNK + i);
 		}
+		e->chunks[e->nchunks++] = c;
 	}
-	it = e->free_items;
+	if (pidx_reserve(e, r) != 0)
+		return NULL;
+	id = e->free_items;
+	it = item_at(e, id);
 	e->free_items = it->u.free_next;
 	memset(it, 0, sizeof(*it));
 	it->page = page;
 	it->region = r->id;
 	it->state = ST_NONE;
 	it->pass = e->pass;
-	SPLAY_INSERT(sp_merge_pidx, &r->items, it);
+	pidx_put(r, id, page);
 	r->nitems++;
 	stat_add(e, S_RMAP_ITEMS, 1);
 	return it;
 }
 
-static void item_free(struct sp_merge *e, struct sp_merge_region *r,
-		      struct sp_item *it)
+static struct sp_item *item_find(const struct sp_merge *e,
+				 const struct sp_merge_region *r,
+				 uint32_t page)
 {
-	TREE_LOCK_ASSERT(e);
-	assert(it->state == ST_NONE);
-	SPLAY_REMOVE(sp_merge_pidx, &r->items, it);
-	r->nitems--;
-	stat_add(e, S_RMAP_ITEMS, -1);
-	it->state = ST_FREE;
-	it->u.free_next = e->free_items;
-	e->free_items = it;
-}
+	int64_t k = pidx_slot(e, r, page);
 
-static struct sp_item *item_find(struct sp_merge_region *r, uint32_t page)
-{
-	struct sp_item key;
-
-	key.page = page;
-	return SPLAY_FIND(sp_merge_pidx, &r->items, &key);
+	return k < 0 ? NULL : item_at(e, r->islot[k]);
 }
 
 /* --- domains ---------------------------------------------------------- */
@@ -1297,11 +1379,12 @@ static int load(struct sp_merge *e, struct sp_item *it, const void **content,
 
 /* The item of sib at the same offset as page of r, if it can guide r's
  * page: sib polled before r, same domain and template. NULL if none. */
-static struct sp_item *sib_item(struct sp_merge_region *sib, uint32_t page)
+static struct sp_item *sib_item(const struct sp_merge *e,
+				struct sp_merge_region *sib, uint32_t page)
 {
 	if (sib == NULL || page >= sib->npages)
 		return NULL;
-	return item_find(sib, page);
+	return item_find(e, sib, page);
 }
 
 /* The target s (the sibling's item at the same offset) is merged onto, or
@@ -1333,7 +1416,7 @@ static struct sp_stable *predict(struct sp_merge *e, struct sp_merge_region *r,
 static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 			 struct sp_merge_region *sib, uint32_t page)
 {
-	struct sp_item *it = item_find(r, page), *s;
+	struct sp_item *it = item_find(e, r, page), *s;
 	struct sp_stable *n;
 	const void *content;
 	uint32_t prev_pass = 0, prev_csum = 0;
@@ -1359,7 +1442,7 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 	 * The backend compares it with the target before it maps anything
 	 * (the merge op's contract), so a wrong guess costs one comparison
 	 * and the page is read and looked up later in this pass. */
-	s = fresh ? sib_item(sib, page) : NULL;
+	s = fresh ? sib_item(e, sib, page) : NULL;
 	if ((n = predict(e, r, s)) != NULL) {
 		it->csum = (uint32_t)n->hash;
 		stat_add(e, S_PAGES_SCANNED, 1);
@@ -1621,6 +1704,7 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	TAILQ_INIT(&e->settle);
 	TAILQ_INIT(&e->retry);
 	e->retry_backoff = 1;
+	e->free_items = NO_ITEM;
 	e->async = ops->merge_submit != NULL;
 	e->pend = calloc(PEND_MAX, sizeof(*e->pend));
 	e->reqs = calloc(PEND_MAX, sizeof(*e->reqs));
@@ -1693,8 +1777,11 @@ void sp_merge_destroy(struct sp_merge *e)
 		free(t->by_hash);
 		free(t);
 	}
-	for (i = 0; i < e->rtab_len; i++)
+	for (i = 0; i < e->rtab_len; i++) {
+		if (e->rtab[i] != NULL)
+			free(e->rtab[i]->islot);
 		free(e->rtab[i]);
+	}
 	for (c = 0; c < e->nchunks; c++)
 		free(e->chunks[c]);
 	free(e->chunks);
@@ -1828,7 +1915,6 @@ int sp_merge_region_add(struct sp_merge *e,
 	r->npages = desc->npages;
 	r->tmpl = desc->tmpl;
 	r->domain = desc->domain;
-	SPLAY_INIT(&r->items);
 	tree_lock(e);
 	for (id = 0; id < e->rtab_len && e->rtab[id] != NULL; id++)
 		;
@@ -1872,13 +1958,20 @@ int sp_merge_region_add(struct sp_merge *e,
 static void region_drop(struct sp_merge *e, struct sp_merge_region *r)
 {
 	struct sp_item *it;
+	uint32_t k;
 
 	TREE_LOCK_ASSERT(e);
 	assert(e->npend == 0 && e->fl_npend == 0);
-	while ((it = SPLAY_ROOT(&r->items)) != NULL) {
+	for (k = 0; r->islot != NULL && k < 1u << r->ibits; k++) {
+		uint32_t id = r->islot[k];
+
+		if (id == NO_ITEM)
+			continue;
+		it = item_at(e, id);
 		detach(e, it);
-		item_free(e, r, it);
+		item_release(e, r, it, id);
 	}
+	pidx_free(e, r);
 	e->rtab[r->id] = NULL;
 	r->dom->nregions--;
 	dom_put(e, r->dom);
@@ -2070,7 +2163,7 @@ static const struct ctl {
 	STAT("pages_merged", S_PAGES_MERGED,
 	     "candidate pages currently merged onto any target"),
 	STAT("rmap_items", S_RMAP_ITEMS,
-	     "candidate pages tracked (one 64-byte item each)"),
+	     "candidate pages tracked (one 48-byte item each)"),
 	STAT("frames_allocated", S_FRAMES,
 	     "frames of the frame store held by the engine"),
 	STAT("merges", S_MERGES, "merge requests that succeeded, cumulative"),
@@ -2158,6 +2251,7 @@ static int rebind_domains(struct sp_merge *e)
 		struct sp_merge_region *r = e->rtab[i];
 		struct sp_domain *old, *nd;
 		struct sp_item *it;
+		uint32_t k;
 
 		if (r == NULL)
 			continue;
@@ -2167,7 +2261,10 @@ static int rebind_domains(struct sp_merge *e)
 			return -ENOMEM;
 		if (nd == old)
 			continue;
-		SPLAY_FOREACH(it, sp_merge_pidx, &r->items) {
+		for (k = 0; r->islot != NULL && k < 1u << r->ibits; k++) {
+			if (r->islot[k] == NO_ITEM)
+				continue;
+			it = item_at(e, r->islot[k]);
 			if (it->state != ST_UNSTABLE)
 				continue;
 			RB_REMOVE(sp_utree, &old->unstable, it);
@@ -2399,7 +2496,7 @@ int sp_merge_check(struct sp_merge *e, unsigned flags, struct sp_error *err)
 	for (i = 0; i < e->rtab_len; i++) {
 		struct sp_merge_region *r = e->rtab[i];
 		uint64_t cnt = 0;
-		int64_t last = -1;
+		uint32_t k;
 
 		if (r == NULL)
 			continue;
@@ -2407,11 +2504,18 @@ int sp_merge_check(struct sp_merge *e, unsigned flags, struct sp_error *err)
 			FAIL("region table slot %u holds region %u", i, r->id);
 		if (r->dom != dom_lookup(e, r->domain))
 			FAIL("region %u bound to the wrong domain", i);
-		SPLAY_FOREACH(it, sp_merge_pidx, &r->items) {
-			if ((int64_t)it->page <= last)
-				FAIL("region %u: page index out of order at %u", i,
-				     it->page);
-			last = it->page;
+		if (r->islot != NULL && (r->nitems * 4 > 3ull << r->ibits))
+			FAIL("region %u: page index over 3/4 full", i);
+		for (k = 0; r->islot != NULL && k < 1u << r->ibits; k++) {
+			if (r->islot[k] == NO_ITEM)
+				continue;
+			if (r->islot[k] >= e->nchunks * ITEMS_PER_CHUNK)
+				FAIL("region %u: page index names item %u", i,
+				     r->islot[k]);
+			it = item_at(e, r->islot[k]);
+			if (pidx_slot(e, r, it->page) != k)
+				FAIL("region %u page %u: not found in its index "
+				     "slot (lost or twice)", i, it->page);
 			if (it->region != i || it->page >= r->npages)
 				FAIL("region %u: item names region %u page %u", i,
 				     it->region, it->page);

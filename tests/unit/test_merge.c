@@ -351,7 +351,7 @@ static int64_t saving(struct world *w)
 
 START_TEST(test_item_size)
 {
-	ck_assert_uint_le(sp_merge_item_bytes(), 64);
+	ck_assert_uint_le(sp_merge_item_bytes(), 48);
 }
 END_TEST
 
