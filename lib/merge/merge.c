@@ -12,7 +12,7 @@
  * backed by a *template* (the checkpoint's memory, mapped MAP_PRIVATE) so
  * that an unwritten page reads the template page at its own offset. Only
  * pages the backend reports as changed are *candidates*; the core gives
- * each one an item (struct sp_item, 48 bytes, the rmap_item equivalent)
+ * each one an item (struct sp_item, 32 bytes, the rmap_item equivalent)
  * the first time it is reported and keeps it while the region lives.
  * Pages never written cost nothing and are never read.
  *
@@ -44,6 +44,9 @@
  *
  * The *unstable tree* holds candidates that matched nothing yet, ordered
  * by (32-bit digest of the content when it was last read, region, page).
+ * It is a red-black tree like the others, but linked by 32-bit item ids
+ * (12 bytes of the item, where a <sys/tree.h> entry takes 32): with the
+ * rmap also linked by ids, an item is 32 bytes in every state.
  * Lookups walk the run of entries with the candidate's digest and memcmp
  * each one's live content. Linux KSM rebuilds its unstable tree every pass
  * because its pages may change under it; here the backend tells us which
@@ -60,6 +63,16 @@
  *
  * Lifecycle of a candidate (item states):
  *
+ *   reported for the first time, and the sibling region's page at the
+ *       same offset (the region polled before it, same domain and
+ *       template) is merged, or queued, onto a target with room: the page
+ *       is queued for that target unread (a *prediction*: clones write the
+ *       same bytes at the same offsets). The backend compares it with the
+ *       target before mapping, as for any merge; if it differs, the item
+ *       goes to the head of the settle list marked with the previous pass,
+ *       so the settle phase of this very pass reads and looks it up.
+ *       A settle phase starts only after every batch of the collect phase
+ *       is accounted, so no wrong guess waits a pass.
  *   reported changed -> taken out of whatever it was in (stable node rmap:
  *       the page was written and copied privately, so the node loses a
  *       reference; unstable tree; waiting lists), read and hashed, then
@@ -75,8 +88,11 @@
  *     (if use_zero_pages); another template page (binary search of the
  *     template's hash index); the stable tree; the unstable tree. A match
  *     in the unstable tree allocates a frame, fills it with the content
- *     and makes it a stable node for both pages. No match: the page joins
- *     the unstable tree (UNSTABLE).
+ *     and makes it a stable node for both pages. The sibling's unstable
+ *     page at the same offset with the same digest is tried first, taken
+ *     unread (a prediction again: its own merge verifies it; if it changed,
+ *     the frame serves the candidate alone until another twin comes).
+ *     No match: the page joins the unstable tree (UNSTABLE).
  *   - merge: requests are batched per region, sorted by page, and handed to
  *     the backend's merge op (PENDING while in a batch). Frames for a run of
  *     adjacent candidates are allocated with a hint for adjacent slots, so
@@ -183,11 +199,11 @@
 #include <sys/tree.h>
 
 #define PAGE SP_MERGE_PAGE_BYTES
-#define PASS_BITS 29
+#define PASS_BITS 28
 #define PASS_MASK ((1u << PASS_BITS) - 1)
 #define CHG_CHUNK 256u        /* pages per changed() call */
 #define PEND_MAX 1024u        /* merge requests per flush */
-#define ITEMS_PER_CHUNK 1024u /* item pool growth */
+#define ITEMS_PER_CHUNK 1024u /* item pool growth; slot 0 is the header */
 #define RETRY_BACKOFF_MAX 64u /* passes */
 #define NO_ITEM UINT32_MAX    /* no item id */
 
@@ -209,10 +225,12 @@ struct sp_stable;
  */
 struct sp_item {
 	union {
-		RB_ENTRY(sp_item) unstable;        /* ST_UNSTABLE */
-		struct {
-			LIST_ENTRY(sp_item) link;  /* ST_MERGED */
-			struct sp_stable *node;
+		struct {                           /* ST_UNSTABLE: tree links */
+			uint32_t left, right, parent;
+		} unstable;
+		struct {                           /* ST_MERGED: rmap links */
+			uint32_t prev, next;
+			struct sp_stable *node;    /* also set while PENDING */
 		} rmap;
 		TAILQ_ENTRY(sp_item) later;        /* ST_SETTLE, ST_RETRY */
 		uint32_t free_next;                /* ST_FREE: next free id */
@@ -221,10 +239,11 @@ struct sp_item {
 	uint32_t region;               /* region id (engine's rtab) */
 	uint32_t csum;                 /* low 32 bits of XXH3-64 at last read */
 	unsigned int state : 3;        /* enum item_state */
+	unsigned int red : 1;          /* ST_UNSTABLE: colour in the tree */
 	unsigned int pass : PASS_BITS; /* pass of the last report or wait */
 };
-static_assert(sizeof(struct sp_item) <= 48,
-	      "a candidate page's item is 48 bytes (KSM's rmap_item: 64)");
+static_assert(sizeof(struct sp_item) == 32,
+	      "a candidate page's item is 32 bytes (KSM's rmap_item: 64)");
 
 /* A merge target in use. The first 40 bytes are all a stable tree
  * descent reads. */
@@ -239,7 +258,7 @@ struct sp_stable {
 	} u;
 	uint64_t hash;                   /* (c) XXH3-64 of the content */
 	uint64_t target;                 /* (c) frame number, template page */
-	LIST_HEAD(, sp_item) rmap;       /* (t) items merged onto it */
+	uint32_t rmap;                   /* (t) first item id merged onto it */
 	uint32_t nmap;                   /* (t) rmap length */
 	uint32_t npending;               /* (t) requests in the pending batch */
 	LIST_HEAD(, sp_stable) dups;     /* (t) FRAME head: its chain */
@@ -254,13 +273,12 @@ struct sp_stable {
 
 RB_HEAD(sp_stree, sp_stable);   /* FRAME heads by (hash, content) */
 RB_HEAD(sp_ttree, sp_stable);   /* TEMPLATE nodes by page */
-RB_HEAD(sp_utree, sp_item);     /* unstable: (csum, region, page) */
 
 /* A merge domain: its own trees. */
 struct sp_domain {
 	RB_ENTRY(sp_domain) link;  /* (t) engine's domain tree */
 	struct sp_stree stable;    /* (t) */
-	struct sp_utree unstable;  /* (t) */
+	uint32_t unstable;         /* (t) unstable tree's root item id */
 	struct sp_stable *zero;    /* (t) ZERO node, if any */
 	uint32_t id;               /* (c) domain id (0 for the common one) */
 	uint32_t nregions;         /* (t) regions bound to it */
@@ -461,7 +479,6 @@ static int ucmp(const struct sp_item *a, const struct sp_item *b)
 		return cmp_u64(a->region, b->region);
 	return cmp_u64(a->page, b->page);
 }
-RB_GENERATE_STATIC(sp_utree, sp_item, u.unstable, ucmp)
 
 static int node_content(struct sp_merge *e, const struct sp_stable *n, int b,
 			const void **out);
@@ -547,6 +564,19 @@ static void meta(struct sp_merge *e, int64_t bytes)
 static struct sp_item *item_at(const struct sp_merge *e, uint32_t id)
 {
 	return &e->chunks[id / ITEMS_PER_CHUNK][id % ITEMS_PER_CHUNK];
+}
+
+/* A chunk is aligned to its size and its slot 0 holds its index, so an
+ * item's id follows from its address. */
+#define CHUNK_BYTES (ITEMS_PER_CHUNK * sizeof(struct sp_item))
+
+static uint32_t item_id(const struct sp_item *it)
+{
+	uintptr_t base = (uintptr_t)it & ~(uintptr_t)(CHUNK_BYTES - 1);
+	uint32_t chunk = ((const struct sp_item *)base)->page;
+
+	return chunk * ITEMS_PER_CHUNK +
+	       (uint32_t)(((uintptr_t)it - base) / sizeof(*it));
 }
 
 /* A region's page index: home slot of page (Fibonacci hashing). */
@@ -654,11 +684,14 @@ static struct sp_item *item_new(struct sp_merge *e, struct sp_merge_region *r,
 			e->chunks = nc;
 			e->chunks_cap = cap;
 		}
-		c = calloc(ITEMS_PER_CHUNK, sizeof(*c));
+		c = aligned_alloc(CHUNK_BYTES, CHUNK_BYTES);
 		if (c == NULL)
 			return NULL;
-		meta(e, ITEMS_PER_CHUNK * sizeof(*c));
-		for (i = ITEMS_PER_CHUNK; i-- > 0;) {
+		memset(c, 0, CHUNK_BYTES);
+		c[0].page = (uint32_t)e->nchunks;   /* the header */
+		c[0].state = ST_FREE;
+		meta(e, CHUNK_BYTES);
+		for (i = ITEMS_PER_CHUNK; i-- > 1;) {
 			c[i].u.free_next = e->free_items;
 			e->free_items = (uint32_t)(e->nchunks * ITEMS_PER_CHUNK + i);
 		}
@@ -707,7 +740,7 @@ static struct sp_domain *dom_get(struct sp_merge *e, uint32_t id)
 		return NULL;
 	d->id = id;
 	RB_INIT(&d->stable);
-	RB_INIT(&d->unstable);
+	d->unstable = NO_ITEM;
 	RB_INSERT(sp_dtree, &e->domains, d);
 	meta(e, sizeof(*d));
 	return d;
@@ -729,7 +762,7 @@ static void dom_put(struct sp_merge *e, struct sp_domain *d)
 	TREE_LOCK_ASSERT(e);
 	if (d == &e->common || d->nregions > 0)
 		return;
-	assert(RB_EMPTY(&d->stable) && RB_EMPTY(&d->unstable) &&
+	assert(RB_EMPTY(&d->stable) && d->unstable == NO_ITEM &&
 	       d->zero == NULL);
 	RB_REMOVE(sp_dtree, &e->domains, d);
 	free(d);
@@ -753,7 +786,7 @@ static struct sp_stable *node_alloc(struct sp_merge *e, int kind)
 	if (n == NULL)
 		return NULL;
 	n->kind = (uint8_t)kind;
-	LIST_INIT(&n->rmap);
+	n->rmap = NO_ITEM;
 	LIST_INIT(&n->dups);
 	meta(e, sizeof(*n));
 	return n;
@@ -805,7 +838,7 @@ static struct sp_stable *frame_node_new(struct sp_merge *e,
 static void node_free(struct sp_merge *e, struct sp_stable *n)
 {
 	TREE_LOCK_ASSERT(e);
-	assert(n->nmap == 0 && n->npending == 0 && LIST_EMPTY(&n->rmap));
+	assert(n->nmap == 0 && n->npending == 0 && n->rmap == NO_ITEM);
 	switch (n->kind) {
 	case SP_MERGE_TEMPLATE:
 		RB_REMOVE(sp_ttree, &n->tmpl->nodes, n);
@@ -852,7 +885,11 @@ static void rmap_add(struct sp_merge *e, struct sp_stable *n,
 	TREE_LOCK_ASSERT(e);
 	it->state = ST_MERGED;
 	it->u.rmap.node = n;
-	LIST_INSERT_HEAD(&n->rmap, it, u.rmap.link);
+	it->u.rmap.prev = NO_ITEM;
+	it->u.rmap.next = n->rmap;
+	if (n->rmap != NO_ITEM)
+		item_at(e, n->rmap)->u.rmap.prev = item_id(it);
+	n->rmap = item_id(it);
 	if (n->nmap == 0)
 		stat_add(e, S_PAGES_SHARED, 1);
 	switch (n->kind) {
@@ -878,7 +915,12 @@ static void rmap_del(struct sp_merge *e, struct sp_item *it)
 
 	TREE_LOCK_ASSERT(e);
 	assert(it->state == ST_MERGED && n->nmap > 0);
-	LIST_REMOVE(it, u.rmap.link);
+	if (it->u.rmap.prev != NO_ITEM)
+		item_at(e, it->u.rmap.prev)->u.rmap.next = it->u.rmap.next;
+	else
+		n->rmap = it->u.rmap.next;
+	if (it->u.rmap.next != NO_ITEM)
+		item_at(e, it->u.rmap.next)->u.rmap.prev = it->u.rmap.prev;
 	it->state = ST_NONE;
 	n->nmap--;
 	if (n->nmap == 0)
@@ -1002,6 +1044,285 @@ static struct sp_stable *chain_pick(struct sp_merge *e, struct sp_stable *h)
 	return NULL;
 }
 
+/* --- the unstable tree ------------------------------------------------ */
+
+/*
+ * A red-black tree of items linked by 32-bit ids, so that its links cost
+ * 12 bytes of the item instead of the 32 of a <sys/tree.h> entry (three
+ * pointers and an int): that is what keeps an item at 32 bytes, half of
+ * Linux KSM's 64-byte rmap_item, which packs its colour into a pointer
+ * the same way the kernel's rb_node does. The colour is a bit of the
+ * item. Ordered by ucmp(): (digest snapshot, region, page).
+ */
+#define UL(e, id) (item_at((e), (id))->u.unstable)
+
+static bool u_red(const struct sp_merge *e, uint32_t id)
+{
+	return id != NO_ITEM && item_at(e, id)->red;
+}
+
+static void u_set_child(struct sp_merge *e, uint32_t *root, uint32_t parent,
+			uint32_t old, uint32_t child)
+{
+	if (parent == NO_ITEM)
+		*root = child;
+	else if (UL(e, parent).left == old)
+		UL(e, parent).left = child;
+	else
+		UL(e, parent).right = child;
+}
+
+static void u_rotate_left(struct sp_merge *e, uint32_t *root, uint32_t x)
+{
+	uint32_t y = UL(e, x).right;
+
+	UL(e, x).right = UL(e, y).left;
+	if (UL(e, y).left != NO_ITEM)
+		UL(e, UL(e, y).left).parent = x;
+	UL(e, y).parent = UL(e, x).parent;
+	u_set_child(e, root, UL(e, x).parent, x, y);
+	UL(e, y).left = x;
+	UL(e, x).parent = y;
+}
+
+static void u_rotate_right(struct sp_merge *e, uint32_t *root, uint32_t x)
+{
+	uint32_t y = UL(e, x).left;
+
+	UL(e, x).left = UL(e, y).right;
+	if (UL(e, y).right != NO_ITEM)
+		UL(e, UL(e, y).right).parent = x;
+	UL(e, y).parent = UL(e, x).parent;
+	u_set_child(e, root, UL(e, x).parent, x, y);
+	UL(e, y).right = x;
+	UL(e, x).parent = y;
+}
+
+/* Insert item it (id z); -EEXIST if an equal key is in the tree. */
+static int u_insert(struct sp_merge *e, uint32_t *root, struct sp_item *it,
+		    uint32_t z)
+{
+	uint32_t p = NO_ITEM, x = *root;
+	int c = 0;
+
+	while (x != NO_ITEM) {
+		p = x;
+		c = ucmp(it, item_at(e, x));
+		if (c == 0)
+			return -EEXIST;
+		x = c < 0 ? UL(e, x).left : UL(e, x).right;
+	}
+	it->u.unstable.left = it->u.unstable.right = NO_ITEM;
+	it->u.unstable.parent = p;
+	it->red = 1;
+	if (p == NO_ITEM)
+		*root = z;
+	else if (c < 0)
+		UL(e, p).left = z;
+	else
+		UL(e, p).right = z;
+	while (u_red(e, UL(e, z).parent)) {
+		uint32_t q = UL(e, z).parent, g = UL(e, q).parent, y;
+
+		if (q == UL(e, g).left) {
+			y = UL(e, g).right;
+			if (u_red(e, y)) {
+				item_at(e, q)->red = 0;
+				item_at(e, y)->red = 0;
+				item_at(e, g)->red = 1;
+				z = g;
+				continue;
+			}
+			if (z == UL(e, q).right) {
+				z = q;
+				u_rotate_left(e, root, z);
+				q = UL(e, z).parent;
+			}
+			item_at(e, q)->red = 0;
+			item_at(e, g)->red = 1;
+			u_rotate_right(e, root, g);
+		} else {
+			y = UL(e, g).left;
+			if (u_red(e, y)) {
+				item_at(e, q)->red = 0;
+				item_at(e, y)->red = 0;
+				item_at(e, g)->red = 1;
+				z = g;
+				continue;
+			}
+			if (z == UL(e, q).left) {
+				z = q;
+				u_rotate_right(e, root, z);
+				q = UL(e, z).parent;
+			}
+			item_at(e, q)->red = 0;
+			item_at(e, g)->red = 1;
+			u_rotate_left(e, root, g);
+		}
+	}
+	item_at(e, *root)->red = 0;
+	return 0;
+}
+
+static uint32_t u_min(const struct sp_merge *e, uint32_t x)
+{
+	while (x != NO_ITEM && UL(e, x).left != NO_ITEM)
+		x = UL(e, x).left;
+	return x;
+}
+
+static uint32_t u_next(const struct sp_merge *e, uint32_t x)
+{
+	uint32_t p;
+
+	if (UL(e, x).right != NO_ITEM)
+		return u_min(e, UL(e, x).right);
+	for (p = UL(e, x).parent; p != NO_ITEM && x == UL(e, p).right;
+	     p = UL(e, p).parent)
+		x = p;
+	return p;
+}
+
+/* Replace the subtree at u by the one at v (v may be empty). */
+static void u_transplant(struct sp_merge *e, uint32_t *root, uint32_t u,
+			 uint32_t v)
+{
+	u_set_child(e, root, UL(e, u).parent, u, v);
+	if (v != NO_ITEM)
+		UL(e, v).parent = UL(e, u).parent;
+}
+
+static void u_remove(struct sp_merge *e, uint32_t *root, uint32_t z)
+{
+	uint32_t y = z, x, xp;
+	bool y_red = item_at(e, y)->red;
+
+	if (UL(e, z).left == NO_ITEM) {
+		x = UL(e, z).right;
+		xp = UL(e, z).parent;
+		u_transplant(e, root, z, x);
+	} else if (UL(e, z).right == NO_ITEM) {
+		x = UL(e, z).left;
+		xp = UL(e, z).parent;
+		u_transplant(e, root, z, x);
+	} else {
+		y = u_min(e, UL(e, z).right);
+		y_red = item_at(e, y)->red;
+		x = UL(e, y).right;
+		if (UL(e, y).parent == z) {
+			xp = y;
+		} else {
+			xp = UL(e, y).parent;
+			u_transplant(e, root, y, x);
+			UL(e, y).right = UL(e, z).right;
+			UL(e, UL(e, y).right).parent = y;
+		}
+		u_transplant(e, root, z, y);
+		UL(e, y).left = UL(e, z).left;
+		UL(e, UL(e, y).left).parent = y;
+		item_at(e, y)->red = item_at(e, z)->red;
+	}
+	if (y_red)
+		return;
+	/* x (maybe empty, child of xp) is short of one black */
+	while (x != *root && !u_red(e, x)) {
+		uint32_t w;
+
+		if (x == UL(e, xp).left) {
+			w = UL(e, xp).right;
+			if (u_red(e, w)) {
+				item_at(e, w)->red = 0;
+				item_at(e, xp)->red = 1;
+				u_rotate_left(e, root, xp);
+				w = UL(e, xp).right;
+			}
+			if (!u_red(e, UL(e, w).left) && !u_red(e, UL(e, w).right)) {
+				item_at(e, w)->red = 1;
+				x = xp;
+				xp = UL(e, x).parent;
+				continue;
+			}
+			if (!u_red(e, UL(e, w).right)) {
+				item_at(e, UL(e, w).left)->red = 0;
+				item_at(e, w)->red = 1;
+				u_rotate_right(e, root, w);
+				w = UL(e, xp).right;
+			}
+			item_at(e, w)->red = item_at(e, xp)->red;
+			item_at(e, xp)->red = 0;
+			item_at(e, UL(e, w).right)->red = 0;
+			u_rotate_left(e, root, xp);
+		} else {
+			w = UL(e, xp).left;
+			if (u_red(e, w)) {
+				item_at(e, w)->red = 0;
+				item_at(e, xp)->red = 1;
+				u_rotate_right(e, root, xp);
+				w = UL(e, xp).left;
+			}
+			if (!u_red(e, UL(e, w).left) && !u_red(e, UL(e, w).right)) {
+				item_at(e, w)->red = 1;
+				x = xp;
+				xp = UL(e, x).parent;
+				continue;
+			}
+			if (!u_red(e, UL(e, w).left)) {
+				item_at(e, UL(e, w).right)->red = 0;
+				item_at(e, w)->red = 1;
+				u_rotate_left(e, root, w);
+				w = UL(e, xp).left;
+			}
+			item_at(e, w)->red = item_at(e, xp)->red;
+			item_at(e, xp)->red = 0;
+			item_at(e, UL(e, w).left)->red = 0;
+			u_rotate_right(e, root, xp);
+		}
+		x = *root;
+		break;
+	}
+	if (x != NO_ITEM)
+		item_at(e, x)->red = 0;
+}
+
+/* Black height of the subtree at x, or -1 if it breaks a red-black rule
+ * or a parent link (for sp_merge_check). */
+static int u_check(const struct sp_merge *e, uint32_t x)
+{
+	int hl, hr;
+	uint32_t l, r;
+
+	if (x == NO_ITEM)
+		return 1;
+	l = UL(e, x).left;
+	r = UL(e, x).right;
+	if ((l != NO_ITEM && UL(e, l).parent != x) ||
+	    (r != NO_ITEM && UL(e, r).parent != x) ||
+	    (item_at(e, x)->red && (u_red(e, l) || u_red(e, r))))
+		return -1;
+	hl = u_check(e, l);
+	hr = u_check(e, r);
+	if (hl < 0 || hl != hr)
+		return -1;
+	return hl + !item_at(e, x)->red;
+}
+
+/* The first entry not below key, or NO_ITEM. */
+static uint32_t u_nfind(const struct sp_merge *e, uint32_t root,
+			const struct sp_item *key)
+{
+	uint32_t x = root, res = NO_ITEM;
+
+	while (x != NO_ITEM) {
+		if (ucmp(item_at(e, x), key) >= 0) {
+			res = x;
+			x = UL(e, x).left;
+		} else {
+			x = UL(e, x).right;
+		}
+	}
+	return res;
+}
+
 /* --- item placement --------------------------------------------------- */
 
 static void to_settle(struct sp_merge *e, struct sp_item *it)
@@ -1027,7 +1348,7 @@ static void to_unstable(struct sp_merge *e, struct sp_item *it)
 
 	TREE_LOCK_ASSERT(e);
 	it->state = ST_UNSTABLE;
-	if (RB_INSERT(sp_utree, &d->unstable, it) != NULL) {
+	if (u_insert(e, &d->unstable, it, item_id(it)) != 0) {
 		/* Cannot happen: (region, page) is unique. */
 		it->state = ST_NONE;
 		to_settle(e, it);
@@ -1043,7 +1364,7 @@ static void detach(struct sp_merge *e, struct sp_item *it)
 	TREE_LOCK_ASSERT(e);
 	switch (it->state) {
 	case ST_UNSTABLE:
-		RB_REMOVE(sp_utree, &item_region(e, it)->dom->unstable, it);
+		u_remove(e, &item_region(e, it)->dom->unstable, item_id(it));
 		stat_add(e, S_PAGES_UNSHARED, -1);
 		break;
 	case ST_MERGED:
@@ -1246,11 +1567,13 @@ static struct sp_item *unstable_match(struct sp_merge *e, struct sp_domain *d,
 				      uint32_t csum, const void *content)
 {
 	struct sp_item key, *u;
+	uint32_t id;
 
 	memset(&key, 0, sizeof(key));
 	key.csum = csum;
-	for (u = RB_NFIND(sp_utree, &d->unstable, &key);
-	     u != NULL && u->csum == csum; u = RB_NEXT(sp_utree, &d->unstable, u)) {
+	for (id = u_nfind(e, d->unstable, &key);
+	     id != NO_ITEM && (u = item_at(e, id))->csum == csum;
+	     id = u_next(e, id)) {
 		const void *p;
 
 		if (read_item(e, u, B_CMP, &p) != 0) {
@@ -1258,7 +1581,7 @@ static struct sp_item *unstable_match(struct sp_merge *e, struct sp_domain *d,
 			continue;
 		}
 		if (memcmp(p, content, PAGE) == 0) {
-			RB_REMOVE(sp_utree, &d->unstable, u);
+			u_remove(e, &d->unstable, id);
 			stat_add(e, S_PAGES_UNSHARED, -1);
 			u->state = ST_NONE;
 			return u;
@@ -1328,7 +1651,7 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 	 * twin comes. */
 	if (twin != NULL && twin->csum == (uint32_t)hash &&
 	    item_region(e, twin)->dom == d) {
-		RB_REMOVE(sp_utree, &d->unstable, twin);
+		u_remove(e, &d->unstable, item_id(twin));
 		stat_add(e, S_PAGES_UNSHARED, -1);
 		twin->state = ST_NONE;
 		u = twin;
@@ -1699,7 +2022,7 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 		atomic_init(&e->st[i], 0);
 	RB_INIT(&e->domains);
 	RB_INIT(&e->common.stable);
-	RB_INIT(&e->common.unstable);
+	e->common.unstable = NO_ITEM;
 	LIST_INIT(&e->templates);
 	TAILQ_INIT(&e->settle);
 	TAILQ_INIT(&e->retry);
@@ -2163,7 +2486,7 @@ static const struct ctl {
 	STAT("pages_merged", S_PAGES_MERGED,
 	     "candidate pages currently merged onto any target"),
 	STAT("rmap_items", S_RMAP_ITEMS,
-	     "candidate pages tracked (one 48-byte item each)"),
+	     "candidate pages tracked (one 32-byte item each)"),
 	STAT("frames_allocated", S_FRAMES,
 	     "frames of the frame store held by the engine"),
 	STAT("merges", S_MERGES, "merge requests that succeeded, cumulative"),
@@ -2267,8 +2590,8 @@ static int rebind_domains(struct sp_merge *e)
 			it = item_at(e, r->islot[k]);
 			if (it->state != ST_UNSTABLE)
 				continue;
-			RB_REMOVE(sp_utree, &old->unstable, it);
-			RB_INSERT(sp_utree, &nd->unstable, it);
+			u_remove(e, &old->unstable, r->islot[k]);
+			(void)u_insert(e, &nd->unstable, it, r->islot[k]);
 		}
 		r->dom = nd;
 		nd->nregions++;
@@ -2339,8 +2662,8 @@ static int check_node(struct sp_merge *e, struct sp_stable *n, unsigned flags,
 {
 	uint64_t max = (uint64_t)knob(e, K_MAX_PAGE_SHARING);
 	const void *nc = NULL, *pc;
-	struct sp_item *it;
-	uint32_t len = 0;
+	struct sp_item *it = NULL;
+	uint32_t len = 0, id, prev;
 	int rc = 0;
 
 	if (n->npending != 0)
@@ -2360,12 +2683,19 @@ static int check_node(struct sp_merge *e, struct sp_stable *n, unsigned flags,
 	if (nc != NULL && page_hash(nc) != n->hash)
 		FAIL("node kind %u target %llu: content does not match its hash",
 		     n->kind, (unsigned long long)n->target);
-	LIST_FOREACH(it, &n->rmap, u.rmap.link) {
-		struct sp_merge_region *r = item_region(e, it);
+	for (id = n->rmap, prev = NO_ITEM; id != NO_ITEM;
+	     prev = id, id = it->u.rmap.next) {
+		struct sp_merge_region *r;
 
+		if (id % ITEMS_PER_CHUNK == 0 || id / ITEMS_PER_CHUNK >= e->nchunks)
+			FAIL("rmap of node %llu: bad item id %u",
+			     (unsigned long long)n->target, id);
+		it = item_at(e, id);
+		r = item_region(e, it);
 		len++;
-		if (it->state != ST_MERGED || it->u.rmap.node != n)
-			FAIL("rmap of node %llu: item state %u or node wrong",
+		if (it->state != ST_MERGED || it->u.rmap.node != n ||
+		    it->u.rmap.prev != prev || len > n->nmap)
+			FAIL("rmap of node %llu: item state %u, node or links wrong",
 			     (unsigned long long)n->target, it->state);
 		if (n->kind == SP_MERGE_TEMPLATE && r->tmpl != n->tmpl)
 			FAIL("region %u page %u merged onto another checkpoint's template",
@@ -2410,6 +2740,7 @@ static int check_domain(struct sp_merge *e, struct sp_domain *d, unsigned flags,
 {
 	struct sp_stable *n, *prev = NULL, *m;
 	struct sp_item *it, *uprev = NULL;
+	uint32_t id;
 	int rc = 0;
 
 	RB_FOREACH(n, sp_stree, &d->stable) {
@@ -2452,10 +2783,18 @@ static int check_domain(struct sp_merge *e, struct sp_domain *d, unsigned flags,
 		if ((rc = check_node(e, d->zero, flags, t, err)) != 0)
 			goto out;
 	}
-	RB_FOREACH(it, sp_utree, &d->unstable) {
-		struct sp_merge_region *r = it->region < e->rtab_len ?
-					    e->rtab[it->region] : NULL;
+	if (d->unstable != NO_ITEM &&
+	    (UL(e, d->unstable).parent != NO_ITEM ||
+	     u_check(e, d->unstable) < 0))
+		FAIL("unstable tree of domain %u: links or colours broken "
+		     "(a red node with a red child, unequal black heights)",
+		     d->id);
+	for (id = u_min(e, d->unstable); id != NO_ITEM; id = u_next(e, id)) {
+		struct sp_merge_region *r;
 		const void *p;
+
+		it = item_at(e, id);
+		r = it->region < e->rtab_len ? e->rtab[it->region] : NULL;
 
 		if (r == NULL || r->dom != d || it->state != ST_UNSTABLE)
 			FAIL("unstable tree of domain %u: item of region %u page %u does not belong (state %u)",
@@ -2509,7 +2848,8 @@ int sp_merge_check(struct sp_merge *e, unsigned flags, struct sp_error *err)
 		for (k = 0; r->islot != NULL && k < 1u << r->ibits; k++) {
 			if (r->islot[k] == NO_ITEM)
 				continue;
-			if (r->islot[k] >= e->nchunks * ITEMS_PER_CHUNK)
+			if (r->islot[k] >= e->nchunks * ITEMS_PER_CHUNK ||
+			    r->islot[k] % ITEMS_PER_CHUNK == 0)
 				FAIL("region %u: page index names item %u", i,
 				     r->islot[k]);
 			it = item_at(e, r->islot[k]);
