@@ -21,6 +21,8 @@
 #   MERGE_P=10                percent of each clone's data pages the workload touches
 #   MERGE_MEM=256M            guest size of the checkpoint
 #   MERGE_WORKLOADS="same scatter zero revert"
+#   MERGE_REPEAT=3            runs of the engine and of ksmd at its fastest per
+#                             workload, alternating; the tables show the median
 #   MERGE_KSM_DEFAULTS=1      0 skips ksmd at its default knobs (the slow part)
 #   MERGE_KSM_ZERO=0          KSM use_zero_pages for workloads other than zero
 #                             (zero always runs both sides with zero pages on)
@@ -58,7 +60,7 @@ trap forward INT TERM
 "$SP" snapshot --mem "$MEM" -o "$tmp/golden.ckpt" >&2
 python3 "$(dirname "$0")/merge_vs_ksm.py" --sp "$SP" --ckpt "$tmp/golden.ckpt" --mem "$MEM" \
 	--out "$OUT" --tmp "$tmp" --clones "$N" --pct "$P" --workloads "$WLS" \
-	--ksm-defaults "${MERGE_KSM_DEFAULTS:-1}" --ksm-zero "${MERGE_KSM_ZERO:-0}" \
+	--repeat "${MERGE_REPEAT:-3}" --ksm-defaults "${MERGE_KSM_DEFAULTS:-1}" --ksm-zero "${MERGE_KSM_ZERO:-0}" \
 	--idle "${MERGE_IDLE_S:-20}" --idle-workloads "${MERGE_IDLE_WORKLOADS:-same}" \
 	--cap-default "${MERGE_KSM_CAP_S:-600}" &
 py=$!

@@ -440,11 +440,25 @@ def fmt_x(x):
     return "—" if x is None else (f"{x:.0f}×" if x >= 10 else f"{x:.1f}×")
 
 
-def report(a, runs):
-    by = {}
+def side_key(r):
+    return "engine" if r["side"] == "engine" else "ksm-" + r["speed"]
+
+
+def group(runs):
+    """(by, every): by[workload][side] = the run with the median t95 of that
+    side's repeats (a real run, so its columns agree); every[workload][side] =
+    all of them, in order."""
+    every = {}
     for r in runs:
-        key = "engine" if r["side"] == "engine" else "ksm-" + r["speed"]
-        by.setdefault(r["workload"], {})[key] = r
+        every.setdefault(r["workload"], {}).setdefault(side_key(r), []).append(r)
+    by = {wl: {k: sorted(v, key=lambda r: r["t95_s"])[(len(v) - 1) // 2]
+               for k, v in d.items()} for wl, d in every.items()}
+    return by, every
+
+
+def report(a, runs):
+    by, every = group(runs)
+    nrep = max(len(v) for d in every.values() for v in d.values())
     L = []
     L.append(f"{a.clones} clones × {a.mem} (cow) of one checkpoint; each workload touches "
              f"{a.pct}% of every clone's data pages. Engine at its default knobs "
@@ -455,7 +469,10 @@ def report(a, runs):
              f"saving, from the moment merging starts (engine: scanner started after the "
              f"workloads ran; KSM: run=1 after the workloads ran). Engine CPU = merge owner "
              f"(whole process since fork) + clones applying merges, until converged; KSM CPU = "
-             f"ksmd until its last change. Saving = (pages_sharing + zero pages) × 4 KiB.")
+             f"ksmd until its last change. Saving = (pages_sharing + zero pages) × 4 KiB."
+             + (f" The engine and ksmd at its fastest ran {nrep} times each, alternating; "
+                f"each row shows the run with the median t95 (every repeat's t95 below the "
+                f"table); ksmd at its defaults ran once." if nrep > 1 else ""))
     L.append("")
     L.append("| workload | engine t95 | engine converge | engine CPU | engine saving | "
              "KSM fastest t95 | KSM fastest CPU | KSM fastest saving | "
@@ -480,6 +497,16 @@ def report(a, runs):
         row.append(fmt_x(ratio(e and e["t95_s"], kf and kf["t95_s"])))
         L.append("| " + " | ".join(row) + " |")
     L.append("")
+    if nrep > 1:
+        L.append("t95 of every repeat, in the order run:")
+        L.append("")
+        L.append("| workload | engine | KSM fastest |")
+        L.append("|---|---|---|")
+        for wl, d in every.items():
+            L.append(f"| `{wl}` | " + " | ".join(
+                ", ".join(fmt_t(r["t95_s"]) for r in d.get(k, [])) or "—"
+                for k in ("engine", "ksm-fastest")) + " |")
+        L.append("")
 
     # idle and metadata
     idle_e = [r for r in runs if r["side"] == "engine" and "idle" in r]
@@ -502,8 +529,8 @@ def report(a, runs):
     L.append("")
     L.append("| workload | metadata bytes | candidate pages (rmap_items) | bytes per candidate page |")
     L.append("|---|---:|---:|---:|")
-    for r in runs:
-        if r["side"] == "engine" and r.get("rmap_items"):
+    for r in (d["engine"] for d in by.values() if "engine" in d):
+        if r.get("rmap_items"):
             L.append(f"| `{r['workload']}` | {r['metadata_bytes']} | {r['rmap_items']} | "
                      f"{r['metadata_per_item']:.1f} |")
     L.append("")
@@ -519,7 +546,8 @@ def report(a, runs):
         if r["side"] != "ksm":
             continue
         k, fin = r["knobs"], r["final"]
-        L.append(f"| `{r['workload']}` | {r['speed']} ({k['pages_to_scan']} / "
+        tag = f" #{r.get('rep', 0) + 1}" if nrep > 1 and r["speed"] == "fastest" else ""
+        L.append(f"| `{r['workload']}` | {r['speed']}{tag} ({k['pages_to_scan']} / "
                  f"{k['sleep_millisecs']} ms, zero pages {k['use_zero_pages']}) | "
                  f"{fmt_t(r['converge_s'])}{' (capped)' if r['capped'] else ''} | "
                  f"{r['full_scans']} | {r['stop_cpu_s']:.2f} s | {fin['pages_shared']} | "
@@ -615,8 +643,8 @@ def report(a, runs):
             tg.append(f"- idle (`{e['workload']}`): engine owner CPU ≤ 1 % of ksmd's at fastest: "
                       f"{100 * ee / kk:.3f} % ({ee * 1000:.2f} ms/s vs {kk * 1000:.0f} ms/s) — "
                       f"{verdict(ee <= 0.01 * kk)}")
-    for r in runs:
-        if r["side"] == "engine" and r.get("metadata_per_item") is not None:
+    for r in (d["engine"] for d in by.values() if "engine" in d):
+        if r.get("metadata_per_item") is not None:
             tg.append(f"- metadata (`{r['workload']}`): ≤ 64 B per candidate page: "
                       f"{r['metadata_per_item']:.1f} B — {verdict(r['metadata_per_item'] <= 64)}")
     L += tg
@@ -627,10 +655,8 @@ def report(a, runs):
 
 
 def plot(a, runs):
-    rows = {}
-    for r in runs:
-        key = "engine" if r["side"] == "engine" else "ksm-" + r["speed"]
-        rows.setdefault(r["workload"], {})[key] = r["t95_s"]
+    by, _ = group(runs)
+    rows = {wl: {k: r["t95_s"] for k, r in d.items()} for wl, d in by.items()}
     dat = os.path.join(a.tmp, "t95.dat")
     with open(dat, "w") as f:
         for wl, d in rows.items():
@@ -678,6 +704,8 @@ def main():
     ap.add_argument("--ksm-zero", type=int, default=0,
                     help="KSM use_zero_pages for workloads other than zero")
     ap.add_argument("--idle", type=float, default=20)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of the engine and of ksmd at its fastest per workload (median shown)")
     ap.add_argument("--idle-workloads", default="same")
     ap.add_argument("--cap-fast", type=float, default=120)
     ap.add_argument("--cap-default", type=float, default=600)
@@ -708,8 +736,11 @@ def main():
         for kind in a.workloads.split():
             wl = f"{kind}:{a.pct}%"
             idle = kind in a.idle_workloads.split() and a.idle > 0
-            runs.append(run_engine(a, wl, kind, idle))
-            runs.append(run_ksm(a, wl, kind, "fastest", idle))
+            for rep in range(a.repeat):
+                for r in (run_engine(a, wl, kind, idle and rep == 0),
+                          run_ksm(a, wl, kind, "fastest", idle and rep == 0)):
+                    r["rep"] = rep
+                    runs.append(r)
             if a.ksm_defaults:
                 runs.append(run_ksm(a, wl, kind, "defaults", False))
     except Stop as e:
@@ -726,6 +757,7 @@ def main():
     if not runs:
         sys.exit(rc or 1)
     meta = {"clones": a.clones, "guest": a.mem, "pct": a.pct, "workloads": a.workloads,
+            "repeat": a.repeat,
             "idle_s": a.idle, "ksm_zero": a.ksm_zero, "ksm_knobs_found": knobs.saved, "kernel": os.uname().release,
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_s": time.monotonic() - t_all, "complete": rc == 0}
