@@ -352,7 +352,7 @@ def run_ksm(a, wl, kind, speed, idle):
         cpu0 = samples[0]["cpu_s"]
         last_val, i_change, capped = 0, 0, False
         while True:
-            time.sleep(0.05)
+            time.sleep(0.01)   # as often as the engine side is polled
             s = ksm_sample(kpid, t0, base)
             samples.append(s)
             v = s["pages_sharing"] + s["ksm_zero_pages"]
