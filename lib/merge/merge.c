@@ -226,7 +226,7 @@ struct sp_stable;
 struct sp_item {
 	union {
 		struct {                           /* ST_UNSTABLE: tree links */
-			uint32_t left, right, parent;
+			uint32_t child[2], parent; /* [0] left, [1] right */
 		} unstable;
 		struct {                           /* ST_MERGED: rmap links */
 			uint32_t prev, next;
@@ -1066,35 +1066,24 @@ static void u_set_child(struct sp_merge *e, uint32_t *root, uint32_t parent,
 {
 	if (parent == NO_ITEM)
 		*root = child;
-	else if (UL(e, parent).left == old)
-		UL(e, parent).left = child;
+	else if (UL(e, parent).child[0] == old)
+		UL(e, parent).child[0] = child;
 	else
-		UL(e, parent).right = child;
+		UL(e, parent).child[1] = child;
 }
 
-static void u_rotate_left(struct sp_merge *e, uint32_t *root, uint32_t x)
+/* Rotate at x: dir 0 lifts its right child (a left rotation), dir 1 its
+ * left child. */
+static void u_rotate(struct sp_merge *e, uint32_t *root, uint32_t x, int dir)
 {
-	uint32_t y = UL(e, x).right;
+	uint32_t y = UL(e, x).child[!dir], b = UL(e, y).child[dir];
 
-	UL(e, x).right = UL(e, y).left;
-	if (UL(e, y).left != NO_ITEM)
-		UL(e, UL(e, y).left).parent = x;
+	UL(e, x).child[!dir] = b;
+	if (b != NO_ITEM)
+		UL(e, b).parent = x;
 	UL(e, y).parent = UL(e, x).parent;
 	u_set_child(e, root, UL(e, x).parent, x, y);
-	UL(e, y).left = x;
-	UL(e, x).parent = y;
-}
-
-static void u_rotate_right(struct sp_merge *e, uint32_t *root, uint32_t x)
-{
-	uint32_t y = UL(e, x).left;
-
-	UL(e, x).left = UL(e, y).right;
-	if (UL(e, y).right != NO_ITEM)
-		UL(e, UL(e, y).right).parent = x;
-	UL(e, y).parent = UL(e, x).parent;
-	u_set_child(e, root, UL(e, x).parent, x, y);
-	UL(e, y).right = x;
+	UL(e, y).child[dir] = x;
 	UL(e, x).parent = y;
 }
 
@@ -1110,55 +1099,35 @@ static int u_insert(struct sp_merge *e, uint32_t *root, struct sp_item *it,
 		c = ucmp(it, item_at(e, x));
 		if (c == 0)
 			return -EEXIST;
-		x = c < 0 ? UL(e, x).left : UL(e, x).right;
+		x = UL(e, x).child[c > 0];
 	}
-	it->u.unstable.left = it->u.unstable.right = NO_ITEM;
+	it->u.unstable.child[0] = it->u.unstable.child[1] = NO_ITEM;
 	it->u.unstable.parent = p;
 	it->red = 1;
 	if (p == NO_ITEM)
 		*root = z;
-	else if (c < 0)
-		UL(e, p).left = z;
 	else
-		UL(e, p).right = z;
+		UL(e, p).child[c > 0] = z;
 	while (u_red(e, UL(e, z).parent)) {
 		uint32_t q = UL(e, z).parent, g = UL(e, q).parent, y;
+		int d = q != UL(e, g).child[0];   /* q is g's child on side d */
 
-		if (q == UL(e, g).left) {
-			y = UL(e, g).right;
-			if (u_red(e, y)) {
-				item_at(e, q)->red = 0;
-				item_at(e, y)->red = 0;
-				item_at(e, g)->red = 1;
-				z = g;
-				continue;
-			}
-			if (z == UL(e, q).right) {
-				z = q;
-				u_rotate_left(e, root, z);
-				q = UL(e, z).parent;
-			}
+		y = UL(e, g).child[!d];
+		if (u_red(e, y)) {
 			item_at(e, q)->red = 0;
+			item_at(e, y)->red = 0;
 			item_at(e, g)->red = 1;
-			u_rotate_right(e, root, g);
-		} else {
-			y = UL(e, g).left;
-			if (u_red(e, y)) {
-				item_at(e, q)->red = 0;
-				item_at(e, y)->red = 0;
-				item_at(e, g)->red = 1;
-				z = g;
-				continue;
-			}
-			if (z == UL(e, q).left) {
-				z = q;
-				u_rotate_right(e, root, z);
-				q = UL(e, z).parent;
-			}
-			item_at(e, q)->red = 0;
-			item_at(e, g)->red = 1;
-			u_rotate_left(e, root, g);
+			z = g;
+			continue;
 		}
+		if (z == UL(e, q).child[!d]) {
+			z = q;
+			u_rotate(e, root, z, d);
+			q = UL(e, z).parent;
+		}
+		item_at(e, q)->red = 0;
+		item_at(e, g)->red = 1;
+		u_rotate(e, root, g, !d);
 	}
 	item_at(e, *root)->red = 0;
 	return 0;
@@ -1166,8 +1135,8 @@ static int u_insert(struct sp_merge *e, uint32_t *root, struct sp_item *it,
 
 static uint32_t u_min(const struct sp_merge *e, uint32_t x)
 {
-	while (x != NO_ITEM && UL(e, x).left != NO_ITEM)
-		x = UL(e, x).left;
+	while (x != NO_ITEM && UL(e, x).child[0] != NO_ITEM)
+		x = UL(e, x).child[0];
 	return x;
 }
 
@@ -1175,9 +1144,9 @@ static uint32_t u_next(const struct sp_merge *e, uint32_t x)
 {
 	uint32_t p;
 
-	if (UL(e, x).right != NO_ITEM)
-		return u_min(e, UL(e, x).right);
-	for (p = UL(e, x).parent; p != NO_ITEM && x == UL(e, p).right;
+	if (UL(e, x).child[1] != NO_ITEM)
+		return u_min(e, UL(e, x).child[1]);
+	for (p = UL(e, x).parent; p != NO_ITEM && x == UL(e, p).child[1];
 	     p = UL(e, p).parent)
 		x = p;
 	return p;
@@ -1197,88 +1166,61 @@ static void u_remove(struct sp_merge *e, uint32_t *root, uint32_t z)
 	uint32_t y = z, x, xp;
 	bool y_red = item_at(e, y)->red;
 
-	if (UL(e, z).left == NO_ITEM) {
-		x = UL(e, z).right;
+	if (UL(e, z).child[0] == NO_ITEM) {
+		x = UL(e, z).child[1];
 		xp = UL(e, z).parent;
 		u_transplant(e, root, z, x);
-	} else if (UL(e, z).right == NO_ITEM) {
-		x = UL(e, z).left;
+	} else if (UL(e, z).child[1] == NO_ITEM) {
+		x = UL(e, z).child[0];
 		xp = UL(e, z).parent;
 		u_transplant(e, root, z, x);
 	} else {
-		y = u_min(e, UL(e, z).right);
+		y = u_min(e, UL(e, z).child[1]);
 		y_red = item_at(e, y)->red;
-		x = UL(e, y).right;
+		x = UL(e, y).child[1];
 		if (UL(e, y).parent == z) {
 			xp = y;
 		} else {
 			xp = UL(e, y).parent;
 			u_transplant(e, root, y, x);
-			UL(e, y).right = UL(e, z).right;
-			UL(e, UL(e, y).right).parent = y;
+			UL(e, y).child[1] = UL(e, z).child[1];
+			UL(e, UL(e, y).child[1]).parent = y;
 		}
 		u_transplant(e, root, z, y);
-		UL(e, y).left = UL(e, z).left;
-		UL(e, UL(e, y).left).parent = y;
+		UL(e, y).child[0] = UL(e, z).child[0];
+		UL(e, UL(e, y).child[0]).parent = y;
 		item_at(e, y)->red = item_at(e, z)->red;
 	}
 	if (y_red)
 		return;
 	/* x (maybe empty, child of xp) is short of one black */
 	while (x != *root && !u_red(e, x)) {
-		uint32_t w;
+		int d = x != UL(e, xp).child[0];   /* x is xp's child on side d */
+		uint32_t w = UL(e, xp).child[!d];
 
-		if (x == UL(e, xp).left) {
-			w = UL(e, xp).right;
-			if (u_red(e, w)) {
-				item_at(e, w)->red = 0;
-				item_at(e, xp)->red = 1;
-				u_rotate_left(e, root, xp);
-				w = UL(e, xp).right;
-			}
-			if (!u_red(e, UL(e, w).left) && !u_red(e, UL(e, w).right)) {
-				item_at(e, w)->red = 1;
-				x = xp;
-				xp = UL(e, x).parent;
-				continue;
-			}
-			if (!u_red(e, UL(e, w).right)) {
-				item_at(e, UL(e, w).left)->red = 0;
-				item_at(e, w)->red = 1;
-				u_rotate_right(e, root, w);
-				w = UL(e, xp).right;
-			}
-			item_at(e, w)->red = item_at(e, xp)->red;
-			item_at(e, xp)->red = 0;
-			item_at(e, UL(e, w).right)->red = 0;
-			u_rotate_left(e, root, xp);
-		} else {
-			w = UL(e, xp).left;
-			if (u_red(e, w)) {
-				item_at(e, w)->red = 0;
-				item_at(e, xp)->red = 1;
-				u_rotate_right(e, root, xp);
-				w = UL(e, xp).left;
-			}
-			if (!u_red(e, UL(e, w).left) && !u_red(e, UL(e, w).right)) {
-				item_at(e, w)->red = 1;
-				x = xp;
-				xp = UL(e, x).parent;
-				continue;
-			}
-			if (!u_red(e, UL(e, w).left)) {
-				item_at(e, UL(e, w).right)->red = 0;
-				item_at(e, w)->red = 1;
-				u_rotate_left(e, root, w);
-				w = UL(e, xp).left;
-			}
-			item_at(e, w)->red = item_at(e, xp)->red;
-			item_at(e, xp)->red = 0;
-			item_at(e, UL(e, w).left)->red = 0;
-			u_rotate_right(e, root, xp);
+		if (u_red(e, w)) {
+			item_at(e, w)->red = 0;
+			item_at(e, xp)->red = 1;
+			u_rotate(e, root, xp, d);
+			w = UL(e, xp).child[!d];
 		}
+		if (!u_red(e, UL(e, w).child[0]) && !u_red(e, UL(e, w).child[1])) {
+			item_at(e, w)->red = 1;
+			x = xp;
+			xp = UL(e, x).parent;
+			continue;
+		}
+		if (!u_red(e, UL(e, w).child[!d])) {
+			item_at(e, UL(e, w).child[d])->red = 0;
+			item_at(e, w)->red = 1;
+			u_rotate(e, root, w, !d);
+			w = UL(e, xp).child[!d];
+		}
+		item_at(e, w)->red = item_at(e, xp)->red;
+		item_at(e, xp)->red = 0;
+		item_at(e, UL(e, w).child[!d])->red = 0;
+		u_rotate(e, root, xp, d);
 		x = *root;
-		break;
 	}
 	if (x != NO_ITEM)
 		item_at(e, x)->red = 0;
@@ -1293,8 +1235,8 @@ static int u_check(const struct sp_merge *e, uint32_t x)
 
 	if (x == NO_ITEM)
 		return 1;
-	l = UL(e, x).left;
-	r = UL(e, x).right;
+	l = UL(e, x).child[0];
+	r = UL(e, x).child[1];
 	if ((l != NO_ITEM && UL(e, l).parent != x) ||
 	    (r != NO_ITEM && UL(e, r).parent != x) ||
 	    (item_at(e, x)->red && (u_red(e, l) || u_red(e, r))))
@@ -1315,9 +1257,9 @@ static uint32_t u_nfind(const struct sp_merge *e, uint32_t root,
 	while (x != NO_ITEM) {
 		if (ucmp(item_at(e, x), key) >= 0) {
 			res = x;
-			x = UL(e, x).left;
+			x = UL(e, x).child[0];
 		} else {
-			x = UL(e, x).right;
+			x = UL(e, x).child[1];
 		}
 	}
 	return res;

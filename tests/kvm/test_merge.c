@@ -156,6 +156,9 @@ START_TEST(same_merges_and_writes_stay_private)
 	/* NCL clones hold the same sel pages: all but one copy is saved */
 	ck_assert_int_ge(stat_of("stats.merge.pages_sharing"), (int64_t)((NCL - 1) * sel));
 	ck_assert_int_eq(stat_of("stats.merge.converged"), 1);
+	/* the owner read clones 0 and 1; the others followed them unread */
+	ck_assert_int_ge(stat_of("stats.merge.pages_predicted"), (int64_t)((NCL - 2) * sel));
+	ck_assert_int_eq(stat_of("stats.merge.pages_mispredicted"), 0);
 	verify_all(&f, SP_WL_SAME, 2000);
 	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++) {
 		if (!sp_probe_wl_sel(&c, pg, 2000))
@@ -238,6 +241,8 @@ START_TEST(revert_zero_scatter)
 
 	start(&f, "scatter:10%", 1, NULL);
 	ck_assert_int_gt(stat_of("stats.merge.pages_sharing"), 0);
+	/* other blocks at the same offsets: whatever was guessed from a
+	 * sibling, every clone still reads only its own data */
 	verify_all(&f, SP_WL_SCATTER, 1000);
 	sp_fanout_stop(&f);
 }
