@@ -2413,7 +2413,7 @@ static const struct ctl {
 	STAT("pages_volatile", S_PAGES_VOLATILE,
 	     "candidate pages neither merged nor unique: changing, settling or waiting to retry a failed merge"),
 	STAT("pages_scanned", S_PAGES_SCANNED,
-	     "candidate pages read and looked up, cumulative"),
+	     "candidate pages processed (read and looked up, or proposed unread), cumulative"),
 	STAT("full_scans", S_FULL_SCANS, "passes completed, cumulative"),
 	STAT("general_profit", S_GENERAL_PROFIT,
 	     "bytes saved minus metadata: (pages_sharing + zero_pages) * 4096 - metadata_bytes"),
