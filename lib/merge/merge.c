@@ -47,19 +47,21 @@
  * It is a red-black tree like the others, but linked by 32-bit item ids
  * (12 bytes of the item, where a <sys/tree.h> entry takes 32): with the
  * rmap also linked by ids, an item is 32 bytes in every state.
- * Lookups walk the run of entries with the candidate's digest and memcmp
- * each one's live content. Linux KSM rebuilds its unstable tree every pass
- * because its pages may change under it; here the backend tells us which
- * pages changed, and each pass takes exactly those out of the tree before
- * they are processed again, which rebuilds every entry that may have gone
- * stale. An entry whose page changed after this pass's report is harmless:
- * its key is a digest snapshot, so it cannot disorder the tree or misdirect
- * a descent; a lookup that memcmps it sees different content and moves on;
- * if it happens to match, the merge request is checked again by the backend
- * (content verified under its lock, or with the vCPU paused), which
- * refuses with -EAGAIN. This is why the tree is persistent instead of being
- * thrown away each pass: with nothing changing a pass costs one changed()
- * call per region, and no page is ever rescanned.
+ * A lookup takes the first entry with the candidate's digest unread, as a
+ * prediction: the entry's own merge compares it with the frame made from
+ * the candidate, so a digest never decides equality, and a refused entry
+ * is read and looked up again. Linux KSM rebuilds its unstable tree every
+ * pass because its pages may change under it; here the backend tells us
+ * which pages changed, and each pass takes exactly those out of the tree
+ * before they are processed again, which rebuilds every entry that may
+ * have gone stale. An entry whose page changed after this pass's report is
+ * harmless: its key is a digest snapshot, so it cannot disorder the tree
+ * or misdirect a descent; if a lookup takes it, its merge request is
+ * checked by the backend (content verified under its lock, or with the
+ * vCPU paused), which refuses with -EAGAIN. This is why the tree is
+ * persistent instead of being thrown away each pass: with nothing
+ * changing a pass costs one changed() call per region, and no page is
+ * ever rescanned.
  *
  * Lifecycle of a candidate (item states):
  *
@@ -88,10 +90,12 @@
  *     (if use_zero_pages); another template page (binary search of the
  *     template's hash index); the stable tree; the unstable tree. A match
  *     in the unstable tree allocates a frame, fills it with the content
- *     and makes it a stable node for both pages. The sibling's unstable
- *     page at the same offset with the same digest is tried first, taken
- *     unread (a prediction again: its own merge verifies it; if it changed,
- *     the frame serves the candidate alone until another twin comes).
+ *     and makes it a stable node for both pages. The partner is taken
+ *     unread (a prediction again: the sibling's unstable page at the same
+ *     offset if its digest is the same, else the first entry with the
+ *     digest; its own merge verifies it; if it changed, or only its digest
+ *     was equal, it is read again and the frame serves the candidate alone
+ *     until an equal page comes).
  *     No match: the page joins the unstable tree (UNSTABLE).
  *   - merge: requests are batched per region, sorted by page, and handed to
  *     the backend's merge op (PENDING while in a batch). Frames for a run of
@@ -1503,33 +1507,25 @@ static void reserve(struct sp_merge *e)
 
 /* --- the lookup ------------------------------------------------------- */
 
-/* An unstable entry of d with the same content as it, taken out of the
- * tree, or NULL. */
-static struct sp_item *unstable_match(struct sp_merge *e, struct sp_domain *d,
-				      uint32_t csum, const void *content)
+/* The first unstable entry of d with digest csum, taken out of the tree,
+ * or NULL. It is not read: the caller proposes it, as a prediction, for a
+ * frame holding the candidate's content, and its merge compares it with
+ * that frame before mapping anything (a digest never decides equality). */
+static struct sp_item *unstable_take(struct sp_merge *e, struct sp_domain *d,
+				     uint32_t csum)
 {
 	struct sp_item key, *u;
 	uint32_t id;
 
 	memset(&key, 0, sizeof(key));
 	key.csum = csum;
-	for (id = u_nfind(e, d->unstable, &key);
-	     id != NO_ITEM && (u = item_at(e, id))->csum == csum;
-	     id = u_next(e, id)) {
-		const void *p;
-
-		if (read_item(e, u, B_CMP, &p) != 0) {
-			stat_add(e, S_BACKEND_ERRORS, 1);
-			continue;
-		}
-		if (memcmp(p, content, PAGE) == 0) {
-			u_remove(e, &d->unstable, id);
-			stat_add(e, S_PAGES_UNSHARED, -1);
-			u->state = ST_NONE;
-			return u;
-		}
-	}
-	return NULL;
+	id = u_nfind(e, d->unstable, &key);
+	if (id == NO_ITEM || (u = item_at(e, id))->csum != csum)
+		return NULL;
+	u_remove(e, &d->unstable, id);
+	stat_add(e, S_PAGES_UNSHARED, -1);
+	u->state = ST_NONE;
+	return u;
 }
 
 /* Decide what the candidate it (content just read, hash its XXH3-64)
@@ -1539,7 +1535,6 @@ static struct sp_item *unstable_match(struct sp_merge *e, struct sp_domain *d,
 static void classify(struct sp_merge *e, struct sp_item *it,
 		     const void *content, uint64_t hash, struct sp_item *twin)
 {
-	bool twin_unread = false;
 	struct sp_merge_region *r = item_region(e, it);
 	struct sp_merge_template *t = r->tmpl;
 	struct sp_domain *d = r->dom;
@@ -1585,21 +1580,23 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 		n = m;
 		goto merge;
 	}
-	/* 5. An equal page waiting in the unstable tree: share a new frame.
-	 * The sibling's page at the same offset with the same digest is
-	 * taken unread, as a prediction: its own merge compares it with the
-	 * frame (this page's content), and if that fails it is read and
-	 * looked up again; the frame then serves this page alone until a
-	 * twin comes. */
+	/* 5. A page waiting in the unstable tree with the same digest: share
+	 * a new frame holding this page's content. The partner is taken
+	 * unread, as a prediction (the sibling's page at the same offset
+	 * first, else the first entry with the digest): its own merge
+	 * compares it with the frame, and if that fails it is read and
+	 * looked up again in this pass; the frame then serves this page
+	 * alone until an equal page comes. Reading it here would cost a
+	 * second read of a page of another clone, and prove nothing the
+	 * merge does not prove again. */
 	if (twin != NULL && twin->csum == (uint32_t)hash &&
 	    item_region(e, twin)->dom == d) {
 		u_remove(e, &d->unstable, item_id(twin));
 		stat_add(e, S_PAGES_UNSHARED, -1);
 		twin->state = ST_NONE;
 		u = twin;
-		twin_unread = true;
 	} else {
-		u = unstable_match(e, d, (uint32_t)hash, content);
+		u = unstable_take(e, d, (uint32_t)hash);
 	}
 	if (u != NULL) {
 		n = frame_node_new(e, d, it, content, hash);
@@ -1610,9 +1607,8 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 		}
 		n->dom = d;
 		RB_INSERT(sp_stree, &d->stable, n);
-		if (twin_unread)
-			stat_add(e, S_PREDICTED, 1);
-		queue_as(e, u, n, twin_unread);
+		stat_add(e, S_PREDICTED, 1);
+		queue_as(e, u, n, true);
 		queue(e, it, n);
 		return;
 	}
@@ -2442,7 +2438,7 @@ static const struct ctl {
 	STAT("converged", S_CONVERGED,
 	     "1 if the last full pass found no changed page and none waits to settle"),
 	STAT("pages_predicted", S_PREDICTED,
-	     "new candidates proposed unread for the target of the page at the same offset of a sibling region, cumulative"),
+	     "pages proposed unread: for the target of the sibling region's page at the same offset, or as the unstable partner of a page with the same digest, cumulative"),
 	STAT("pages_mispredicted", S_MISPREDICTED,
 	     "of those, pages whose content differed (then read and looked up as usual), cumulative"),
 };
