@@ -95,7 +95,12 @@
  *     offset if its digest is the same, else the first entry with the
  *     digest; its own merge verifies it; if it changed, or only its digest
  *     was equal, it is read again and the frame serves the candidate alone
- *     until an equal page comes).
+ *     until an equal page comes). An existing target (template page,
+ *     frame) is picked by the 64-bit digest alone the first time a page
+ *     is looked up: the merge compares the page with it anyway, so the
+ *     owner's own memcmp would only catch a digest collision. A refused
+ *     guess is read again and looked up comparing bytes, and a dup is
+ *     only made after comparing with its head.
  *     No match: the page joins the unstable tree (UNSTABLE).
  *   - merge: requests are batched per region, sorted by page, and handed to
  *     the backend's merge op (PENDING while in a batch). Frames for a run of
@@ -1002,7 +1007,7 @@ static int64_t tmpl_search(struct sp_merge *e, struct sp_merge_template *t,
 			hi = mid;
 	}
 	for (; lo < t->npages && t->hashes[t->by_hash[lo]] == hash; lo++)
-		if (tmpl_page_eq(e, t, t->by_hash[lo], content))
+		if (content == NULL || tmpl_page_eq(e, t, t->by_hash[lo], content))
 			return t->by_hash[lo];
 	return -1;
 }
@@ -1021,6 +1026,8 @@ static struct sp_stable *stable_find(struct sp_merge *e, struct sp_domain *d,
 		} else {
 			const void *p;
 
+			if (content == NULL)
+				return n;
 			if (node_content(e, n, B_CMP, &p) != 0) {
 				stat_add(e, S_BACKEND_ERRORS, 1);
 				return NULL;
@@ -1531,15 +1538,23 @@ static struct sp_item *unstable_take(struct sp_merge *e, struct sp_domain *d,
 /* Decide what the candidate it (content just read, hash its XXH3-64)
  * merges onto, cheapest target first, and queue the merge; or put it in
  * the unstable tree. twin: its sibling's unstable item at the same
- * offset, or NULL. */
+ * offset, or NULL. verify: compare the content with an existing target
+ * whose digest is the candidate's before proposing it; if false, the
+ * 64-bit digest picks the target and the merge, which compares the page
+ * with its target before mapping anything, is the comparison (a page
+ * refused that way is read again and looked up with verify set, so a
+ * digest collision costs one refused merge, never a wrong one). */
 static void classify(struct sp_merge *e, struct sp_item *it,
-		     const void *content, uint64_t hash, struct sp_item *twin)
+		     const void *content, uint64_t hash, struct sp_item *twin,
+		     bool verify)
 {
 	struct sp_merge_region *r = item_region(e, it);
 	struct sp_merge_template *t = r->tmpl;
 	struct sp_domain *d = r->dom;
+	const void *cmp = verify ? content : NULL;
 	struct sp_stable *n, *m;
 	struct sp_item *u;
+	bool guess = !verify;
 	int64_t j;
 
 	TREE_LOCK_ASSERT(e);
@@ -1547,7 +1562,7 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 
 	/* 1. Back to the template page at its own offset. */
 	if (t != NULL && it->page < t->npages && t->hashes[it->page] == hash &&
-	    tmpl_page_eq(e, t, it->page, content)) {
+	    (cmp == NULL || tmpl_page_eq(e, t, it->page, cmp))) {
 		n = tmpl_node(e, t, it->page);
 		goto merge;
 	}
@@ -1555,15 +1570,22 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 	if (knob(e, K_USE_ZERO_PAGES) && hash == e->zero_hash &&
 	    is_zero(content)) {
 		n = zero_node(e, d);
+		guess = false;
 		goto merge;
 	}
 	/* 3. Another page of the template. */
-	if (t != NULL && (j = tmpl_search(e, t, hash, content)) >= 0) {
+	if (t != NULL && (j = tmpl_search(e, t, hash, cmp)) >= 0) {
 		n = tmpl_node(e, t, (uint64_t)j);
 		goto merge;
 	}
 	/* 4. A frame already shared in this domain. */
-	n = stable_find(e, d, hash, content);
+	n = stable_find(e, d, hash, cmp);
+	if (n != NULL && cmp == NULL && chain_pick(e, n) == NULL) {
+		/* A full chain gets a dup made from this page, which must
+		 * hold its head's bytes: compare before making one. */
+		n = stable_find(e, d, hash, content);
+		guess = false;
+	}
 	if (n != NULL) {
 		m = chain_pick(e, n);
 		if (m == NULL) {
@@ -1621,7 +1643,9 @@ merge:
 		to_retry(e, it);
 		return;
 	}
-	queue(e, it, n);
+	if (guess)
+		stat_add(e, S_PREDICTED, 1);
+	queue_as(e, it, n, guess);
 }
 
 /* Read and hash a candidate; 0, or -errno after parking it to settle. */
@@ -1719,7 +1743,7 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 		return;
 	}
 	classify(e, it, content, hash,
-		 s != NULL && s->state == ST_UNSTABLE ? s : NULL);
+		 s != NULL && s->state == ST_UNSTABLE ? s : NULL, false);
 }
 
 /* An item that waited (settle or retry) gets its turn. */
@@ -1734,7 +1758,7 @@ static void revisit(struct sp_merge *e, struct sp_item *it)
 	if (load(e, it, &content, &hash) != 0)
 		return;
 	it->csum = (uint32_t)hash;
-	classify(e, it, content, hash, NULL);
+	classify(e, it, content, hash, NULL, true);
 }
 
 /* --- passes and steps ------------------------------------------------- */
@@ -2438,9 +2462,9 @@ static const struct ctl {
 	STAT("converged", S_CONVERGED,
 	     "1 if the last full pass found no changed page and none waits to settle"),
 	STAT("pages_predicted", S_PREDICTED,
-	     "pages proposed unread: for the target of the sibling region's page at the same offset, or as the unstable partner of a page with the same digest, cumulative"),
+	     "pages proposed without the owner comparing them with the target: unread, for the sibling region's target at the same offset or as the unstable partner of a page with the same digest; or read, for the existing target their digest names; cumulative"),
 	STAT("pages_mispredicted", S_MISPREDICTED,
-	     "of those, pages whose content differed (then read and looked up as usual), cumulative"),
+	     "of those, pages whose content differed (then read and looked up comparing bytes), cumulative"),
 };
 #define NCTL (sizeof(ctls) / sizeof(ctls[0]))
 

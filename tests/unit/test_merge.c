@@ -964,6 +964,54 @@ START_TEST(test_merge_races_write)
 }
 END_TEST
 
+/* A freshly read page whose digest names a frame is proposed for it
+ * without the owner comparing bytes; the merge compares. If the guest
+ * writes the page in between, the merge is refused, and the page is read
+ * again and looked up byte for byte in the same pass. */
+static struct sp_merge_mem_vm *guess_vm;
+static void guess_hook(void *arg, struct sp_merge_mem_vm *vm, uint64_t page)
+{
+	struct world *w = arg;
+	unsigned char c = 0xa5;
+
+	if (vm != guess_vm || page != 9)
+		return;
+	guess_vm = NULL;
+	wr(w, 2, page, 100, &c, 1);
+}
+
+START_TEST(test_digest_guess_races)
+{
+	struct world w;
+	unsigned char a[PG];
+	uint64_t t;
+	int64_t pred, mis;
+
+	as.on = _i;
+	world_init(&w, 3, 16, 16, 1, 11);
+	gen(a, 91);
+	wr(&w, 0, 5, 0, a, PG);
+	wr(&w, 1, 5, 0, a, PG);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), 1);
+	pred = ctl(&w, "stats.merge.pages_predicted");
+	mis = ctl(&w, "stats.merge.pages_mispredicted");
+	guess_vm = w.vm[2];
+	sp_merge_mem_set_merge_hook(w.mm, guess_hook, &w);
+	wr(&w, 2, 9, 0, a, PG);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_ptr_null(guess_vm);   /* the hook ran */
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_predicted"), pred + 1);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_mispredicted"), mis + 1);
+	ck_assert_int_ne(sp_merge_mem_page_map(w.vm[2], 9, &t), SP_MERGE_FRAME);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 1);
+	world_fini(&w);
+}
+END_TEST
+
 /* docs/knobs.md documents every name the engine lists. */
 START_TEST(test_knobs_documented)
 {
@@ -1278,6 +1326,7 @@ static Suite *suite(void)
 	tcase_add_loop_test(tc, test_mispredict, 0, 2);
 	tcase_add_test(tc, test_twin_changed);
 	tcase_add_test(tc, test_partner_changed);
+	tcase_add_loop_test(tc, test_digest_guess_races, 0, 2);
 	tcase_add_loop_test(tc, test_digest_collision, 0, 2);
 	tcase_add_test(tc, test_template_targets);
 	tcase_add_test(tc, test_zero_pages);
