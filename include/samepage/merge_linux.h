@@ -126,7 +126,11 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b);
 const struct sp_merge_ops *sp_merge_linux_ops(void);
 
 /* The frame file, for clones: inherit it across fork (it is O_CLOEXEC) or
- * send it with SCM_RIGHTS, and give it to sp_merge_clone_create(). */
+ * send it with SCM_RIGHTS, and give it to sp_merge_clone_create(). It is
+ * opened read-only (the backend keeps its own writable descriptor), and
+ * the file's mode is 0400, so a clone cannot write the frames other
+ * clones read, nor reopen the file writable unless it runs as root or as
+ * the owner's user. */
 int sp_merge_linux_frame_fd(const struct sp_merge_linux *b);
 
 /* Map a template (fd at offset_bytes, npages long, page-aligned) read-only
@@ -178,7 +182,8 @@ struct sp_merge_clone_desc {
 	uint64_t npages;        /* 4 KiB pages */
 	int tmpl_fd;            /* the template RAM maps; -1: none */
 	uint64_t tmpl_offset;   /* bytes: where page 0 sits in tmpl_fd */
-	int frame_fd;           /* sp_merge_linux_frame_fd() of the owner */
+	int frame_fd;           /* sp_merge_linux_frame_fd() of the owner;
+				   must be read-only (-EINVAL otherwise) */
 	int ram_anon;           /* 1: RAM is anonymous memory filled by read()
 				   (fan-out `copy`), not a template mapping:
 				   no page may be returned by MADV_DONTNEED */

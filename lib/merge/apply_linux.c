@@ -39,6 +39,7 @@
  * check this), so a run is all or nothing.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -114,6 +115,12 @@ int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 	    (d->tmpl_offset % PAGE) || d->frame_fd < 0)
 		return sp_error_set(err, -EINVAL,
 				    "merge applier: bad RAM, template offset or frame fd");
+	/* A writable frame descriptor in a clone would let it change pages
+	 * other clones map: the owner must hand out a read-only one. */
+	if ((fcntl(d->frame_fd, F_GETFL) & O_ACCMODE) != O_RDONLY)
+		return sp_error_set(err, -EINVAL,
+				    "merge applier: the frame file descriptor must be read-only "
+				    "(use sp_merge_linux_frame_fd())");
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return sp_error_set(err, -ENOMEM, "out of memory");

@@ -114,6 +114,8 @@ struct sp_pm_scan_arg {
 
 struct sp_merge_linux {
 	int frame_fd;               /* (c) the frame file (memfd) */
+	int frame_fd_ro;            /* (c) the same, opened read-only: what
+				       clones get */
 	uint8_t *frames;            /* (c) read-only shared view of it */
 	uint64_t frame_npages;      /* (c) */
 	struct sp_merge_linux_opts o; /* (c) */
@@ -253,6 +255,7 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return sp_error_set(err, -ENOMEM, "out of memory");
+	b->frame_fd_ro = -1;
 	if (opts)
 		b->o = *opts;
 	if (!b->o.frame_file_bytes)
@@ -271,6 +274,21 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 		rc = sp_error_set(err, bytes ? -errno : -EINVAL, "sizing frame file to %" PRIu64
 				  " bytes: %s", bytes, bytes ? strerror(errno) : "too small");
 		goto fail;
+	}
+	/* Clones get a read-only descriptor: a clone (a guest that broke out
+	 * into its VMM) must not write the frames other clones read. Mode
+	 * 0400 also stops a clone running as another user from reopening it
+	 * writable through /proc/self/fd. */
+	{
+		char path[64];
+
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", b->frame_fd);
+		if (fchmod(b->frame_fd, 0400) < 0 ||
+		    (b->frame_fd_ro = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+			rc = sp_error_set(err, -errno, "opening the frame file read-only (%s): %s",
+					  path, strerror(errno));
+			goto fail;
+		}
 	}
 	b->frames = mmap(NULL, bytes, PROT_READ, MAP_SHARED | MAP_NORESERVE, b->frame_fd, 0);
 	if (b->frames == MAP_FAILED) {
@@ -302,6 +320,7 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 	if (b->frames != MAP_FAILED && b->frames)
 		munmap(b->frames, b->frame_npages * PAGE);
 	close_fd(&b->frame_fd);
+	close_fd(&b->frame_fd_ro);
 	free(b->vec);
 	free(b->pm);
 	free(b->ra_list);
@@ -311,7 +330,7 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 
 int sp_merge_linux_frame_fd(const struct sp_merge_linux *b)
 {
-	return b->frame_fd;
+	return b->frame_fd_ro;
 }
 
 void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_stats *st)

@@ -10,9 +10,11 @@
  *     leaves every clone running with its memory intact.
  * Skips (exit 77) where /dev/kvm is missing.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -142,6 +144,48 @@ static struct sp_probe_config config_of(struct sp_fanout *f)
 
 /* Identical writes at identical addresses merge onto shared frames; a
  * guest writing over merged pages keeps its writes to itself. */
+/* Every clone holds the frame file, and only read-only: the flags of its
+ * descriptor in /proc/PID/fdinfo. */
+static void frame_fds_read_only(const struct sp_fanout *f)
+{
+	for (uint32_t i = 0; i < NCL; i++) {
+		char dir[64], path[320], link[256], line[128];
+		int found = 0;
+		DIR *d;
+		struct dirent *de;
+
+		snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)f->clone[i].pid);
+		d = opendir(dir);
+		ck_assert_ptr_nonnull(d);
+		while ((de = readdir(d)) != NULL) {
+			ssize_t n;
+			FILE *fi;
+			unsigned flags = 0;
+
+			snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+			n = readlink(path, link, sizeof(link) - 1);
+			if (n <= 0)
+				continue;
+			link[n] = 0;
+			if (!strstr(link, "samepage-frames"))
+				continue;
+			snprintf(path, sizeof(path), "/proc/%d/fdinfo/%s", (int)f->clone[i].pid,
+				 de->d_name);
+			fi = fopen(path, "r");
+			ck_assert_ptr_nonnull(fi);
+			while (fgets(line, sizeof(line), fi))
+				if (sscanf(line, "flags: %o", &flags) == 1)
+					break;
+			fclose(fi);
+			ck_assert_msg((flags & O_ACCMODE) == O_RDONLY,
+				      "clone %u holds the frame file writable (flags %o)", i, flags);
+			found++;
+		}
+		closedir(d);
+		ck_assert_msg(found > 0, "clone %u holds no frame file descriptor", i);
+	}
+}
+
 START_TEST(same_merges_and_writes_stay_private)
 {
 	struct sp_fanout f;
@@ -160,6 +204,7 @@ START_TEST(same_merges_and_writes_stay_private)
 	ck_assert_int_ge(stat_of("stats.merge.pages_predicted"), (int64_t)((NCL - 2) * sel));
 	ck_assert_int_eq(stat_of("stats.merge.pages_mispredicted"), 0);
 	verify_all(&f, SP_WL_SAME, 2000);
+	frame_fds_read_only(&f);
 	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++) {
 		if (!sp_probe_wl_sel(&c, pg, 2000))
 			continue;

@@ -456,6 +456,64 @@ static void req_set(struct sp_merge_req *r, uint64_t page, uint32_t kind, uint64
 
 /* ---- applier ------------------------------------------------------- */
 
+/* Clones get the frame file read-only: a clone cannot change the frames
+ * other clones map, nor (as another user) reopen the file writable; and
+ * the applier refuses a writable descriptor. */
+START_TEST(frame_fd_read_only)
+{
+	int fd = sp_merge_linux_frame_fd(be), rw;
+	uint8_t page[PAGE] = { 1 };
+	struct sp_merge_clone *c = NULL;
+	struct sp_error err = { 0 };
+	char path[64];
+	struct stat sb;
+	uint8_t *ram;
+
+	ck_assert_int_eq(fcntl(fd, F_GETFL) & O_ACCMODE, O_RDONLY);
+	errno = 0;
+	ck_assert_int_eq(pwrite(fd, page, PAGE, 0), -1);
+	ck_assert_int_eq(errno, EBADF);
+	ck_assert_int_eq(fstat(fd, &sb), 0);
+	ck_assert_int_eq(sb.st_mode & 07777, 0400);
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	if (geteuid() == 0) {
+		pid_t pid = fork();
+		int st = 0;
+
+		ck_assert_int_ge(pid, 0);
+		if (pid == 0) {
+			int x;
+
+			if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+				_exit(2);
+			x = open(path, O_RDWR);
+			_exit(x < 0 && errno == EACCES ? 0 : 1);
+		}
+		ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+		ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+			      "an unprivileged clone reopened the frame file writable (status %d)", st);
+	}
+	/* a writable descriptor is refused by the applier */
+	ram = mmap(NULL, (size_t)NPAGES * PAGE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_NORESERVE, tmpl_fd, 0);
+	ck_assert(ram != MAP_FAILED);
+	rw = memfd_create("writable", MFD_CLOEXEC);
+	ck_assert_int_ge(rw, 0);
+	{
+		struct sp_merge_clone_desc d = { .ram = ram, .npages = NPAGES, .tmpl_fd = tmpl_fd,
+						 .frame_fd = rw };
+		ck_assert_int_eq(sp_merge_clone_create(&d, &c, &err), -EINVAL);
+		ck_assert_ptr_null(c);
+		ck_assert_ptr_nonnull(strstr(err.msg, "read-only"));
+		d.frame_fd = fd;
+		ck_assert_int_eq(sp_merge_clone_create(&d, &c, &err), 0);
+		sp_merge_clone_destroy(c);
+	}
+	close(rw);
+	munmap(ram, (size_t)NPAGES * PAGE);
+}
+END_TEST
+
 START_TEST(template_own_offset_discard)
 {
 	struct kid *k = kid_start();
@@ -1154,6 +1212,7 @@ int main(void)
 
 	tcase_set_timeout(tc, 60);
 	tcase_add_checked_fixture(tc, setup, NULL);
+	tcase_add_test(tc, frame_fd_read_only);
 	tcase_add_test(tc, template_own_offset_discard);
 	tcase_add_test(tc, template_own_offset_after_remap);
 	tcase_add_test(tc, anonymous_ram_maps_template);
