@@ -101,6 +101,7 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 		struct sp_merge_clone_desc d = {
 			.ram = ram, .npages = f->tmpl.mem_bytes / SP_PAGE_SIZE,
 			.tmpl_fd = f->tmpl.fd, .tmpl_offset = f->tmpl.fd_offset, .frame_fd = fd,
+			.frame_slot = m->n,
 		};
 		if (sp_merge_clone_create(&d, ap, NULL))
 			close(fd);

@@ -115,10 +115,11 @@ static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
 	return rc ? rc : ship_recv(ctx, reqs, n);
 }
 
-/* Hand the frame file to a clone (it maps frames from it). */
-static void hello(int sock, int frame_fd)
+/* Hand a clone its domain's frame file (it maps frames from it) and the
+ * file's slot (in n). */
+static void hello(int sock, int frame_fd, uint32_t slot)
 {
-	struct sp_merge_msg m = { .type = SP_MERGE_MSG_HELLO };
+	struct sp_merge_msg m = { .type = SP_MERGE_MSG_HELLO, .n = slot };
 	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
 	struct iovec iov = { &m, offsetof(struct sp_merge_msg, reqs) };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
@@ -193,6 +194,7 @@ static void backend_stats(int fd, struct sp_merge_linux *b)
 	putf(fd, "stats.backend.frames_live %llu\n", (unsigned long long)st.frames_live);
 	putf(fd, "stats.backend.frames_retired %llu\n", (unsigned long long)st.frames_retired);
 	putf(fd, "stats.backend.frame_file_bytes %llu\n", (unsigned long long)st.frame_file_bytes);
+	putf(fd, "stats.backend.frame_files %llu\n", (unsigned long long)st.frame_files);
 	putf(fd, "stats.backend.scans %llu\n", (unsigned long long)st.scans);
 	putf(fd, "stats.backend.scans_skipped %llu\n", (unsigned long long)st.scans_skipped);
 	putf(fd, "stats.backend.scan_ns %llu\n", (unsigned long long)st.scan_ns);
@@ -291,8 +293,6 @@ int sp_owner_main(const struct sp_owner_opts *o)
 		if (sp_merge_template_add(eng, &td, &et, &err))
 			goto fail;
 	}
-	for (uint32_t i = 0; i < o->nclones; i++)
-		hello(o->clones[i].sock, sp_merge_linux_frame_fd(b));
 	for (uint32_t i = 0; i < o->nclones; i++) {
 		struct sp_merge_linux_region_desc bd = {
 			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
@@ -333,6 +333,22 @@ int sp_owner_main(const struct sp_owner_opts *o)
 				set |= !strncmp(*k, defaults[d][0], len) && (*k)[len] == '=';
 			if (!set && sp_merge_ctl_set(eng, defaults[d][0], atoll(defaults[d][1]), &err))
 				goto fail;
+		}
+	}
+	{
+		/* Each clone gets its own domain's frame file; with merging
+		 * across domains every frame is domain 0's. */
+		int64_t across = 0;
+
+		if (sp_merge_ctl_get(eng, "merge.merge_across_domains", &across))
+			goto fail;
+		for (uint32_t i = 0; i < o->nclones; i++) {
+			struct sp_merge_linux_frame_file ff;
+
+			if (sp_merge_linux_frame_file(b, across ? 0 : o->clones[i].domain, &ff,
+						      &err))
+				goto fail;
+			hello(o->clones[i].sock, ff.fd, ff.slot);
 		}
 	}
 	lfd = listen_on(o->ctl_path, &err);

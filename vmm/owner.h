@@ -29,7 +29,8 @@
 #define SP_CTL_SOCKET_DEFAULT "/run/samepage/samepaged.sock"
 
 /* Messages on a clone's merge socket. */
-#define SP_MERGE_MSG_HELLO 3u    /* carries the frame file (SCM_RIGHTS) */
+#define SP_MERGE_MSG_HELLO 3u    /* carries the clone's frame file
+				    (SCM_RIGHTS), its slot in n */
 #define SP_MERGE_MSG_BATCH 1u
 #define SP_MERGE_MSG_DONE 2u
 #define SP_MERGE_MSG_MAX_REQS 1024u

@@ -6,10 +6,11 @@
  *  - the owner side (lib/merge/merge_linux.c) is the struct sp_merge_ops the
  *    engine calls: it finds the pages each clone changed (PAGEMAP_SCAN on
  *    /proc/PID/pagemap, gated by the clone's page-fault counter), reads them
- *    through /proc/PID/mem, reads templates and frames through read-only
- *    shared mappings, and keeps the frame file, a memfd whose page N is frame
- *    N. It never touches a clone's mappings: merge() hands each batch to a
- *    transport callback the embedder provides (a socket to the clone);
+ *    through /proc/PID/mem, reads templates through read-only shared
+ *    mappings, and keeps the frame files, one memfd per merge domain (a
+ *    clone is given only its own domain's, read-only). It never touches a
+ *    clone's mappings: merge() hands each batch to a transport callback the
+ *    embedder provides (a socket to the clone);
  *
  *  - the clone side (lib/merge/apply_linux.c) runs inside the clone, between
  *    two KVM_RUN calls (no vCPU running), and applies a batch to its own
@@ -33,7 +34,7 @@
 #include "samepage/error.h"
 #include "samepage/merge.h"
 
-/* Default size of the (sparse) frame file: 16 Mi frames. */
+/* Default size of each (sparse) frame file: 16 Mi frames. */
 #define SP_MERGE_LINUX_FRAME_FILE_BYTES (64ull << 30)
 
 /* ---- owner side ---------------------------------------------------- */
@@ -49,7 +50,8 @@ struct sp_merge_linux_region;  /* one clone as the owner sees it (opaque) */
 					   when the clone counted no fault */
 
 struct sp_merge_linux_opts {
-	uint64_t frame_file_bytes; /* 0: SP_MERGE_LINUX_FRAME_FILE_BYTES */
+	uint64_t frame_file_bytes; /* of each domain's frame file; 0:
+				      SP_MERGE_LINUX_FRAME_FILE_BYTES */
 	uint32_t rescan_ms;        /* scan a clone at least this often even if
 				      its fault counter did not move (faults
 				      charged elsewhere, e.g. KVM async page
@@ -101,7 +103,9 @@ struct sp_merge_linux_region_desc {
 struct sp_merge_linux_stats {
 	uint64_t frames_live;      /* allocated and not freed */
 	uint64_t frames_retired;   /* freed: memory returned, number never reused */
-	uint64_t frame_file_bytes; /* memory the frame file holds (st_blocks) */
+	uint64_t frame_file_bytes; /* memory the frame files hold (st_blocks) */
+	uint64_t frame_files;      /* frame files: one per domain with frames
+				      or clones */
 	uint64_t scans;            /* change scans of a clone's RAM */
 	uint64_t scans_skipped;    /* changed() calls answered by the fault gate */
 	uint64_t scan_ns;          /* time spent scanning */
@@ -113,8 +117,8 @@ struct sp_merge_linux_stats {
 	int scan_ioctl;            /* 1: PAGEMAP_SCAN, 0: pagemap reads */
 };
 
-/* Create a backend: the frame file (a memfd, sized sparse) and its
- * read-only view. opts may be NULL (defaults). */
+/* Create a backend, with domain 0's frame file (a memfd, sized sparse).
+ * opts may be NULL (defaults). */
 int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 			  struct sp_merge_linux **out, struct sp_error *err);
 
@@ -125,13 +129,23 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b);
 /* The ops table to pass to sp_merge_create() with ctx = the backend. */
 const struct sp_merge_ops *sp_merge_linux_ops(void);
 
-/* The frame file, for clones: inherit it across fork (it is O_CLOEXEC) or
- * send it with SCM_RIGHTS, and give it to sp_merge_clone_create(). It is
- * opened read-only (the backend keeps its own writable descriptor), and
- * the file's mode is 0400, so a clone cannot write the frames other
- * clones read, nor reopen the file writable unless it runs as root or as
- * the owner's user. */
-int sp_merge_linux_frame_fd(const struct sp_merge_linux *b);
+/* The frame file of merge domain `domain` (made on first use), for the
+ * clones of that domain (of every domain, as domain 0, when
+ * merge.merge_across_domains is set: the engine then allocates every
+ * frame for domain 0): inherit fd across fork (it is O_CLOEXEC) or send it
+ * with SCM_RIGHTS, and give it and slot to sp_merge_clone_create(). fd is
+ * the backend's; do not close it. Each domain has its own file, so a clone
+ * can neither read nor map another domain's frames; fd is opened
+ * read-only (the backend writes through its own descriptor) and the
+ * file's mode is 0400, so a clone cannot write the frames other clones
+ * read, nor reopen the file writable unless it runs as root or as the
+ * owner's user. A frame number is slot << 32 | page of that file. */
+struct sp_merge_linux_frame_file {
+	int fd;
+	uint32_t slot;
+};
+int sp_merge_linux_frame_file(struct sp_merge_linux *b, uint32_t domain,
+			      struct sp_merge_linux_frame_file *out, struct sp_error *err);
 
 /* Map a template (fd at offset_bytes, npages long, page-aligned) read-only
  * for read_template. The returned pointer is the handle to put in
@@ -182,8 +196,11 @@ struct sp_merge_clone_desc {
 	uint64_t npages;        /* 4 KiB pages */
 	int tmpl_fd;            /* the template RAM maps; -1: none */
 	uint64_t tmpl_offset;   /* bytes: where page 0 sits in tmpl_fd */
-	int frame_fd;           /* sp_merge_linux_frame_fd() of the owner;
-				   must be read-only (-EINVAL otherwise) */
+	int frame_fd;           /* sp_merge_linux_frame_file() of the owner
+				   for this clone's domain: .fd, which must
+				   be read-only (-EINVAL otherwise) */
+	uint32_t frame_slot;    /* ... and its .slot: a FRAME request naming
+				   another file's frame is refused (-EXDEV) */
 	int ram_anon;           /* 1: RAM is anonymous memory filled by read()
 				   (fan-out `copy`), not a template mapping:
 				   no page may be returned by MADV_DONTNEED */

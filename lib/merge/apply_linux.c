@@ -59,6 +59,7 @@ struct sp_merge_clone {
 	uint64_t tmpl_offset;    /* (c) bytes */
 	uint64_t tmpl_npages;    /* (c) pages of tmpl_fd from tmpl_offset on */
 	int frame_fd;            /* (c) borrowed */
+	uint32_t frame_slot;     /* (c) the slot frame numbers name it by */
 	uint64_t frame_npages;   /* (c) pages of the frame file */
 	const uint8_t *tmpl_view;  /* (c) read-only shared view of the template
 				      from tmpl_offset on; NULL: pread it */
@@ -120,7 +121,7 @@ int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 	if ((fcntl(d->frame_fd, F_GETFL) & O_ACCMODE) != O_RDONLY)
 		return sp_error_set(err, -EINVAL,
 				    "merge applier: the frame file descriptor must be read-only "
-				    "(use sp_merge_linux_frame_fd())");
+				    "(sp_merge_linux_frame_file() gives one)");
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return sp_error_set(err, -ENOMEM, "out of memory");
@@ -130,6 +131,7 @@ int sp_merge_clone_create(const struct sp_merge_clone_desc *d,
 	c->tmpl_offset = d->tmpl_offset;
 	c->tmpl_npages = fd_pages(d->tmpl_fd, d->tmpl_offset);
 	c->frame_fd = d->frame_fd;
+	c->frame_slot = d->frame_slot;
 	c->frame_npages = fd_pages(d->frame_fd, 0);
 	c->remapped = calloc((d->npages + 63) / 64, sizeof(uint64_t));
 	c->buf = malloc((size_t)CHUNK_PAGES * PAGE);
@@ -167,6 +169,12 @@ void sp_merge_clone_stats_get(const struct sp_merge_clone *c,
 	*st = c->st;
 }
 
+/* The page of its frame file a frame number names (the slot is above). */
+static uint64_t frame_page(uint64_t frame)
+{
+	return frame & 0xffffffffull;
+}
+
 /* Is request r well formed for this clone? */
 static int check_req(const struct sp_merge_clone *c, const struct sp_merge_req *r)
 {
@@ -176,7 +184,10 @@ static int check_req(const struct sp_merge_clone *c, const struct sp_merge_req *
 	case SP_MERGE_TEMPLATE:
 		return c->tmpl_fd >= 0 && r->target < c->tmpl_npages ? 0 : -EINVAL;
 	case SP_MERGE_FRAME:
-		return r->target < c->frame_npages ? 0 : -EINVAL;
+		/* a frame of another domain's file: not ours to map */
+		if (r->target >> 32 != c->frame_slot)
+			return -EXDEV;
+		return frame_page(r->target) < c->frame_npages ? 0 : -EINVAL;
 	case SP_MERGE_ZERO:
 		return r->target == 0 ? 0 : -EINVAL;
 	}
@@ -223,7 +234,7 @@ static int read_targets(struct sp_merge_clone *c, const struct sp_merge_req *r, 
 		off = c->tmpl_offset + r->target * PAGE;
 	} else {
 		fd = c->frame_fd;
-		off = r->target * PAGE;
+		off = frame_page(r->target) * PAGE;
 	}
 	while (done < len) {
 		ssize_t got = pread(fd, c->buf + done, len - done, (off_t)(off + done));
@@ -260,7 +271,7 @@ static int map_run(struct sp_merge_clone *c, enum way w, uint64_t page,
 	else
 		p = mmap(addr, len, PROT_READ | PROT_WRITE,
 			 MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, c->frame_fd,
-			 (off_t)(target * PAGE));
+			 (off_t)(frame_page(target) * PAGE));
 	if (p == MAP_FAILED)
 		return -errno;
 	return 0;
@@ -283,6 +294,8 @@ static void apply_run(struct sp_merge_clone *c, struct sp_merge_req *reqs, size_
 
 		for (size_t k = 0; k < m; k++) {
 			const uint8_t *want = reqs[i].kind == SP_MERGE_ZERO ? zero_page :
+					      v && reqs[i].kind == SP_MERGE_FRAME ?
+					      v + (frame_page(reqs[i].target) + k) * PAGE :
 					      v ? v + (reqs[i].target + k) * PAGE :
 					      c->buf + k * PAGE;
 			if (rc)

@@ -33,20 +33,24 @@
  * docs/merge-linux.md has the measured costs, and why soft-dirty is not used
  * (clearing it write-protects every PTE and makes KVM drop its mappings).
  *
- * Frames. The frame file is a memfd, truncated large and sparse at create;
- * frame N is its page N. Numbers go up monotonically and are never reused,
- * so "no frame is handed out while a mapping still names it" holds by
- * construction. frame_free punches a hole: the memory goes back to the host
- * (a clone's private copy made from the frame is its own page and stays),
- * the number stays retired. The file's size bounds the frames ever handed
- * out (64 GiB: 16 Mi frames by default); then frame_alloc says -ENOSPC.
+ * Frames. Each merge domain has a frame file, a memfd truncated large and
+ * sparse when made; a frame number is the file's slot << 32 | its page.
+ * A clone is given only its own domain's file, read-only (mode 0400), so
+ * a guest that breaks out into its VMM can neither read other tenants'
+ * frames nor write anyone's. Pages go up monotonically and are never
+ * reused, so "no frame is handed out while a mapping still names it" holds
+ * by construction. frame_free punches a hole: the memory goes back to the
+ * host (a clone's private copy made from the frame is its own page and
+ * stays), the number stays retired. A file's size bounds the frames ever
+ * handed out in its domain (64 GiB: 16 Mi frames by default); then
+ * frame_alloc says -ENOSPC.
  *
  * Death. A clone's pidfd becomes readable when it exits; changed(),
  * read_page() and merge() then return -ESRCH and the engine removes the
  * region and frees its frames. /proc/PID/mem and pagemap are opened at
  * region_add, so they name that process's memory even if its PID is reused.
  * An owner that dies costs the clones nothing: their mappings hold the
- * template and frame file open.
+ * template and their frame file open.
  *
  * Merging. merge() hands the batch to the transport and waits. With a
  * transport split into send and recv, merge_submit only sends, and
@@ -59,12 +63,15 @@
  *
  * Locking: the ops run under the engine's lock, one at a time, so region
  * and frame-allocation state is only touched by the engine's thread (e);
- * statistics are atomic (a); the rest is constant after creation (c).
+ * the table of frame files, which the embedder's thread also reaches
+ * (sp_merge_linux_frame_file), is under flock (l); statistics are atomic
+ * (a); the rest is constant after creation (c).
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,16 +119,28 @@ struct sp_pm_scan_arg {
 #define RA_LIST 1024
 #define RA_WIN 64
 
+/* One frame file per merge domain (the domain frame_alloc names: 0 for
+ * all when merge_across_domains is set). A frame number is the file's
+ * slot (creation order) in the high 32 bits and the page in it below. */
+struct frame_file {
+	uint32_t domain;            /* (c) */
+	int fd;                     /* (c) the memfd, writable: ours only */
+	int fd_ro;                  /* (c) the same opened read-only: clones' */
+	uint64_t next;              /* (l) next page to hand out */
+};
+
+#define FRAME_SLOT(f) ((uint32_t)((f) >> 32))
+#define FRAME_PAGE(f) ((f) & 0xffffffffull)
+
 struct sp_merge_linux {
-	int frame_fd;               /* (c) the frame file (memfd) */
-	int frame_fd_ro;            /* (c) the same, opened read-only: what
-				       clones get */
-	uint8_t *frames;            /* (c) read-only shared view of it */
-	uint64_t frame_npages;      /* (c) */
+	pthread_mutex_t flock;      /* guards files and nfiles */
+	int flock_init;             /* (c) */
+	struct frame_file **files;  /* (l) by slot */
+	uint32_t nfiles, files_cap; /* (l) */
+	uint64_t frame_npages;      /* (c) pages of each frame file */
 	struct sp_merge_linux_opts o; /* (c) */
 	int scan_ioctl;             /* (c) PAGEMAP_SCAN works */
 	uint64_t zero_pfn;          /* (c) PFN of the zero page; 0: unknown */
-	uint64_t next_frame;        /* (e) next frame number to hand out */
 	struct sp_page_region *vec; /* (e) PAGEMAP_SCAN output */
 	uint64_t *pm;               /* (e) pagemap read buffer, PM_CHUNK */
 	int ra_ok;                  /* (e) process_vm_readv works */
@@ -255,7 +274,6 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return sp_error_set(err, -ENOMEM, "out of memory");
-	b->frame_fd_ro = -1;
 	if (opts)
 		b->o = *opts;
 	if (!b->o.frame_file_bytes)
@@ -264,36 +282,20 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 		b->o.revisit_ms = 1000;
 	bytes = b->o.frame_file_bytes / PAGE * PAGE;
 	b->frame_npages = bytes / PAGE;
-	b->frames = MAP_FAILED;
-	b->frame_fd = memfd_create("samepage-frames", MFD_CLOEXEC);
-	if (b->frame_fd < 0) {
-		rc = sp_error_set(err, -errno, "memfd_create frame file: %s", strerror(errno));
+	if (bytes == 0 || bytes / PAGE > FRAME_PAGE(~0ull)) {
+		rc = sp_error_set(err, -EINVAL, "frame file size %" PRIu64 " bytes: out of range",
+				  b->o.frame_file_bytes);
 		goto fail;
 	}
-	if (bytes == 0 || ftruncate(b->frame_fd, (off_t)bytes) < 0) {
-		rc = sp_error_set(err, bytes ? -errno : -EINVAL, "sizing frame file to %" PRIu64
-				  " bytes: %s", bytes, bytes ? strerror(errno) : "too small");
-		goto fail;
-	}
-	/* Clones get a read-only descriptor: a clone (a guest that broke out
-	 * into its VMM) must not write the frames other clones read. Mode
-	 * 0400 also stops a clone running as another user from reopening it
-	 * writable through /proc/self/fd. */
+	pthread_mutex_init(&b->flock, NULL);
+	b->flock_init = 1;
+	/* domain 0's file now, so that a file that cannot be made fails here */
 	{
-		char path[64];
+		struct sp_merge_linux_frame_file ff;
 
-		snprintf(path, sizeof(path), "/proc/self/fd/%d", b->frame_fd);
-		if (fchmod(b->frame_fd, 0400) < 0 ||
-		    (b->frame_fd_ro = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
-			rc = sp_error_set(err, -errno, "opening the frame file read-only (%s): %s",
-					  path, strerror(errno));
+		rc = sp_merge_linux_frame_file(b, 0, &ff, err);
+		if (rc)
 			goto fail;
-		}
-	}
-	b->frames = mmap(NULL, bytes, PROT_READ, MAP_SHARED | MAP_NORESERVE, b->frame_fd, 0);
-	if (b->frames == MAP_FAILED) {
-		rc = sp_error_set(err, -errno, "mapping frame file: %s", strerror(errno));
-		goto fail;
 	}
 	b->vec = calloc(SCAN_VEC, sizeof(*b->vec));
 	b->pm = calloc(PM_CHUNK, sizeof(*b->pm));
@@ -317,10 +319,14 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 {
 	if (!b)
 		return;
-	if (b->frames != MAP_FAILED && b->frames)
-		munmap(b->frames, b->frame_npages * PAGE);
-	close_fd(&b->frame_fd);
-	close_fd(&b->frame_fd_ro);
+	for (uint32_t i = 0; i < b->nfiles; i++) {
+		close_fd(&b->files[i]->fd);
+		close_fd(&b->files[i]->fd_ro);
+		free(b->files[i]);
+	}
+	free(b->files);
+	if (b->flock_init)
+		pthread_mutex_destroy(&b->flock);
 	free(b->vec);
 	free(b->pm);
 	free(b->ra_list);
@@ -328,9 +334,84 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 	free(b);
 }
 
-int sp_merge_linux_frame_fd(const struct sp_merge_linux *b)
+/* The frame file of domain, made on first use; NULL with *rc set. Called
+ * with flock held. */
+static struct frame_file *file_of(struct sp_merge_linux *b, uint32_t domain, int *rc,
+				  struct sp_error *err)
 {
-	return b->frame_fd_ro;
+	struct frame_file *f;
+	char path[64];
+
+	for (uint32_t i = 0; i < b->nfiles; i++)
+		if (b->files[i]->domain == domain)
+			return b->files[i];
+	if (b->nfiles == b->files_cap) {
+		uint32_t cap = b->files_cap ? b->files_cap * 2 : 4;
+		struct frame_file **nf = realloc(b->files, cap * sizeof(*nf));
+		if (!nf) {
+			*rc = sp_error_set(err, -ENOMEM, "out of memory");
+			return NULL;
+		}
+		b->files = nf;
+		b->files_cap = cap;
+	}
+	f = calloc(1, sizeof(*f));
+	if (!f) {
+		*rc = sp_error_set(err, -ENOMEM, "out of memory");
+		return NULL;
+	}
+	f->domain = domain;
+	f->fd_ro = -1;
+	f->fd = memfd_create("samepage-frames", MFD_CLOEXEC);
+	if (f->fd < 0) {
+		*rc = sp_error_set(err, -errno, "memfd_create frame file: %s", strerror(errno));
+		free(f);
+		return NULL;
+	}
+	/* Clones get a read-only descriptor: a clone (a guest that broke out
+	 * into its VMM) must not write the frames other clones read. Mode
+	 * 0400 also stops a clone running as another user from reopening it
+	 * writable through /proc/self/fd. */
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", f->fd);
+	if (ftruncate(f->fd, (off_t)(b->frame_npages * PAGE)) < 0 ||
+	    fchmod(f->fd, 0400) < 0 || (f->fd_ro = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+		*rc = sp_error_set(err, -errno, "setting up frame file %s: %s", path,
+				   strerror(errno));
+		close_fd(&f->fd);
+		free(f);
+		return NULL;
+	}
+	b->files[b->nfiles++] = f;
+	return f;
+}
+
+int sp_merge_linux_frame_file(struct sp_merge_linux *b, uint32_t domain,
+			      struct sp_merge_linux_frame_file *out, struct sp_error *err)
+{
+	struct frame_file *f;
+	int rc = 0;
+
+	pthread_mutex_lock(&b->flock);
+	f = file_of(b, domain, &rc, err);
+	if (f) {
+		for (out->slot = 0; b->files[out->slot] != f; out->slot++)
+			;
+		out->fd = f->fd_ro;
+	}
+	pthread_mutex_unlock(&b->flock);
+	return f ? 0 : rc;
+}
+
+/* The file a frame number names, or NULL. */
+static struct frame_file *file_at(struct sp_merge_linux *b, uint64_t frame)
+{
+	struct frame_file *f = NULL;
+
+	pthread_mutex_lock(&b->flock);
+	if (FRAME_SLOT(frame) < b->nfiles && FRAME_PAGE(frame) < b->files[FRAME_SLOT(frame)]->next)
+		f = b->files[FRAME_SLOT(frame)];
+	pthread_mutex_unlock(&b->flock);
+	return f;
 }
 
 void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_stats *st)
@@ -340,8 +421,12 @@ void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_st
 	memset(st, 0, sizeof(*st));
 	st->frames_live = atomic_load(&b->frames_live);
 	st->frames_retired = atomic_load(&b->frames_retired);
-	if (fstat(b->frame_fd, &sb) == 0)
-		st->frame_file_bytes = (uint64_t)sb.st_blocks * 512;
+	pthread_mutex_lock(&b->flock);
+	for (uint32_t i = 0; i < b->nfiles; i++)
+		if (fstat(b->files[i]->fd, &sb) == 0)
+			st->frame_file_bytes += (uint64_t)sb.st_blocks * 512;
+	st->frame_files = b->nfiles;
+	pthread_mutex_unlock(&b->flock);
 	st->scans = atomic_load(&b->scans);
 	st->scans_skipped = atomic_load(&b->scans_skipped);
 	st->scan_ns = atomic_load(&b->scan_ns);
@@ -775,14 +860,26 @@ static int op_read_template(void *ctx, void *tmpl, uint64_t page, void *buf, con
 	return 0;
 }
 
+/* Frames are read only to compare bytes (a lookup that verifies, the
+ * checker), which is rare: a pread, so that the owner needs no view of
+ * every domain's file. */
 static int op_read_frame(void *ctx, uint64_t frame, void *buf, const void **out)
 {
-	struct sp_merge_linux *b = ctx;
+	struct frame_file *f = file_at(ctx, frame);
+	size_t done = 0;
 
-	(void)buf;
-	if (frame >= b->next_frame)
+	if (!f)
 		return -EINVAL;
-	*out = b->frames + frame * PAGE;
+	while (done < PAGE) {
+		ssize_t n = pread(f->fd, (uint8_t *)buf + done, PAGE - done,
+				  (off_t)(FRAME_PAGE(frame) * PAGE + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (size_t)n;
+	}
+	*out = buf;
 	return 0;
 }
 
@@ -791,30 +888,45 @@ static int op_read_frame(void *ctx, uint64_t frame, void *buf, const void **out)
 static int op_frame_alloc(void *ctx, uint32_t domain, uint64_t hint, uint64_t *frame)
 {
 	struct sp_merge_linux *b = ctx;
+	struct frame_file *f;
+	int rc = -ENOMEM;
+	uint32_t slot;
 
-	/* One file for every domain: a frame holds content only, and the
-	 * engine decides which pages may share it. hint can only be honoured
-	 * when it is the next number: lower ones may still be named by a
-	 * mapping, and skipping ahead would waste the file for nothing. */
-	(void)domain;
+	/* A file per domain: a clone holds only its own domain's, so it can
+	 * neither read nor map another tenant's frames. hint can only be
+	 * honoured when it is the next number: lower ones may still be named
+	 * by a mapping, and skipping ahead would waste the file for nothing. */
 	(void)hint;
-	if (b->next_frame >= b->frame_npages)
-		return -ENOSPC;
-	*frame = b->next_frame++;
+	pthread_mutex_lock(&b->flock);
+	f = file_of(b, domain, &rc, NULL);
+	if (!f)
+		rc = -ENOMEM;   /* the core knows -ENOMEM and -ENOSPC */
+	else if (f->next >= b->frame_npages) {
+		f = NULL;
+		rc = -ENOSPC;
+	}
+	if (f) {
+		for (slot = 0; b->files[slot] != f; slot++)
+			;
+		*frame = (uint64_t)slot << 32 | f->next++;
+	}
+	pthread_mutex_unlock(&b->flock);
+	if (!f)
+		return rc;
 	atomic_fetch_add(&b->frames_live, 1);
 	return 0;
 }
 
 static int op_frame_write(void *ctx, uint64_t frame, const void *src)
 {
-	struct sp_merge_linux *b = ctx;
+	struct frame_file *f = file_at(ctx, frame);
 	size_t done = 0;
 
-	if (frame >= b->next_frame)
+	if (!f)
 		return -EINVAL;
 	while (done < PAGE) {
-		ssize_t n = pwrite(b->frame_fd, (const uint8_t *)src + done, PAGE - done,
-				   (off_t)(frame * PAGE + done));
+		ssize_t n = pwrite(f->fd, (const uint8_t *)src + done, PAGE - done,
+				   (off_t)(FRAME_PAGE(frame) * PAGE + done));
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
@@ -827,13 +939,14 @@ static int op_frame_write(void *ctx, uint64_t frame, const void *src)
 static void op_frame_free(void *ctx, uint64_t frame)
 {
 	struct sp_merge_linux *b = ctx;
+	struct frame_file *f = file_at(b, frame);
 
-	if (frame >= b->next_frame)
+	if (!f)
 		return;
 	/* Pages still mapped from the frame are unmapped by the punch (the
 	 * engine says none is); private copies made from it are not touched. */
-	fallocate(b->frame_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-		  (off_t)(frame * PAGE), PAGE);
+	fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		  (off_t)(FRAME_PAGE(frame) * PAGE), PAGE);
 	atomic_fetch_sub(&b->frames_live, 1);
 	atomic_fetch_add(&b->frames_retired, 1);
 }

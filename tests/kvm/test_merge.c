@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -144,12 +145,13 @@ static struct sp_probe_config config_of(struct sp_fanout *f)
 
 /* Identical writes at identical addresses merge onto shared frames; a
  * guest writing over merged pages keeps its writes to itself. */
-/* Every clone holds the frame file, and only read-only: the flags of its
- * descriptor in /proc/PID/fdinfo. */
-static void frame_fds_read_only(const struct sp_fanout *f)
+/* Every clone holds one frame file, only read-only (the flags of its
+ * descriptor in /proc/PID/fdinfo); ino[i]: that file's inode. */
+static void frame_fds_read_only(const struct sp_fanout *f, ino_t *ino)
 {
 	for (uint32_t i = 0; i < NCL; i++) {
 		char dir[64], path[320], link[256], line[128];
+		struct stat sb;
 		int found = 0;
 		DIR *d;
 		struct dirent *de;
@@ -179,10 +181,15 @@ static void frame_fds_read_only(const struct sp_fanout *f)
 			fclose(fi);
 			ck_assert_msg((flags & O_ACCMODE) == O_RDONLY,
 				      "clone %u holds the frame file writable (flags %o)", i, flags);
+			snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+			ck_assert_int_eq(stat(path, &sb), 0);
+			if (ino)
+				ino[i] = sb.st_ino;
 			found++;
 		}
 		closedir(d);
-		ck_assert_msg(found > 0, "clone %u holds no frame file descriptor", i);
+		ck_assert_msg(found == 1, "clone %u holds %d frame file descriptors, not 1", i,
+			      found);
 	}
 }
 
@@ -204,7 +211,7 @@ START_TEST(same_merges_and_writes_stay_private)
 	ck_assert_int_ge(stat_of("stats.merge.pages_predicted"), (int64_t)((NCL - 2) * sel));
 	ck_assert_int_eq(stat_of("stats.merge.pages_mispredicted"), 0);
 	verify_all(&f, SP_WL_SAME, 2000);
-	frame_fds_read_only(&f);
+	frame_fds_read_only(&f, NULL);
 	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++) {
 		if (!sp_probe_wl_sel(&c, pg, 2000))
 			continue;
@@ -244,9 +251,14 @@ START_TEST(domains_keep_frames_apart)
 	struct sp_fanout f;
 	struct sp_probe_config c;
 
+	ino_t ino[NCL];
+
 	start(&f, "same:10%", 2, NULL);
 	c = config_of(&f);
 	verify_all(&f, SP_WL_SAME, 1000);
+	/* and a file per domain: no clone can read the other domain's frames */
+	frame_fds_read_only(&f, ino);
+	ck_assert(ino[0] == ino[2] && ino[1] == ino[3] && ino[0] != ino[1]);
 	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++) {
 		if (!sp_probe_wl_sel(&c, pg, 1000))
 			continue;
@@ -255,6 +267,29 @@ START_TEST(domains_keep_frames_apart)
 		ck_assert(pfn(&f, 1, pg) == pfn(&f, 3, pg));
 		ck_assert(pfn(&f, 0, pg) != pfn(&f, 1, pg));
 	}
+	sp_fanout_stop(&f);
+}
+END_TEST
+
+/* Told to merge across domains, the owner gives every clone the one
+ * file all frames are then made in, and the domains share them. */
+START_TEST(across_domains_share_one_file)
+{
+	static const char *const knobs[] = { "merge.merge_across_domains=1", NULL };
+	struct sp_fanout f;
+	struct sp_probe_config c;
+	ino_t ino[NCL];
+
+	start(&f, "same:10%", 2, knobs);
+	c = config_of(&f);
+	verify_all(&f, SP_WL_SAME, 1000);
+	frame_fds_read_only(&f, ino);
+	for (uint32_t i = 1; i < NCL; i++)
+		ck_assert(ino[i] == ino[0]);
+	for (uint64_t pg = c.first_data_page; pg < c.pages; pg++)
+		if (sp_probe_wl_sel(&c, pg, 1000))
+			for (uint32_t i = 1; i < NCL; i++)
+				ck_assert(pfn(&f, i, pg) == pfn(&f, 0, pg));
 	sp_fanout_stop(&f);
 }
 END_TEST
@@ -343,6 +378,7 @@ int main(void)
 	tcase_set_timeout(tc, 180);
 	tcase_add_test(tc, same_merges_and_writes_stay_private);
 	tcase_add_test(tc, domains_keep_frames_apart);
+	tcase_add_test(tc, across_domains_share_one_file);
 	tcase_add_test(tc, revert_zero_scatter);
 	tcase_add_test(tc, deaths);
 	suite_add_tcase(s, tc);

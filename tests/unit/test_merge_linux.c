@@ -130,6 +130,18 @@ static int64_t fill_maps(void)
 	return -ENOSPC;
 }
 
+/* The read-only descriptor of domain's frame file (and its slot). */
+static int frame_fd_of(uint32_t domain, uint32_t *slot)
+{
+	struct sp_merge_linux_frame_file ff;
+	struct sp_error err = { 0 };
+
+	ck_assert_msg(sp_merge_linux_frame_file(be, domain, &ff, &err) == 0, "%s", err.msg);
+	if (slot)
+		*slot = ff.slot;
+	return ff.fd;
+}
+
 static void __attribute__((noreturn)) kid_main(int sock)
 {
 	static uint8_t msg[MSG_BYTES];
@@ -140,7 +152,7 @@ static void __attribute__((noreturn)) kid_main(int sock)
 			    MAP_PRIVATE | MAP_NORESERVE, tmpl_fd, 0);
 	struct sp_merge_clone_desc d = {
 		.ram = ram, .npages = NPAGES, .tmpl_fd = tmpl_fd, .tmpl_offset = 0,
-		.frame_fd = sp_merge_linux_frame_fd(be),
+		.frame_fd = frame_fd_of(0, NULL),
 	};
 
 	h->op = K_HELLO;
@@ -398,10 +410,10 @@ static uint64_t frame_pfn(uint64_t frame)
 {
 	if (!frame_view) {
 		frame_view = mmap(NULL, 1 << 20, PROT_READ, MAP_SHARED,
-				  sp_merge_linux_frame_fd(be), 0);
+				  frame_fd_of(0, NULL), 0);
 		ck_assert(frame_view != MAP_FAILED);
 	}
-	return self_pfn(frame_view + frame * PAGE);
+	return self_pfn(frame_view + (frame & 0xffffffffull) * PAGE);
 }
 
 static uint64_t zero_pfn(void)
@@ -461,7 +473,7 @@ static void req_set(struct sp_merge_req *r, uint64_t page, uint32_t kind, uint64
  * the applier refuses a writable descriptor. */
 START_TEST(frame_fd_read_only)
 {
-	int fd = sp_merge_linux_frame_fd(be), rw;
+	int fd = frame_fd_of(0, NULL), rw;
 	uint8_t page[PAGE] = { 1 };
 	struct sp_merge_clone *c = NULL;
 	struct sp_error err = { 0 };
@@ -511,6 +523,51 @@ START_TEST(frame_fd_read_only)
 	}
 	close(rw);
 	munmap(ram, (size_t)NPAGES * PAGE);
+}
+END_TEST
+
+/* Frames of another domain live in another file: a clone, holding only
+ * its own domain's, can neither read them through its descriptor nor be
+ * made to map them (the applier refuses a frame of another slot). */
+START_TEST(frame_files_per_domain)
+{
+	struct kid *k = kid_start();
+	struct sp_merge_linux_stats st;
+	struct sp_merge_req r[2];
+	uint8_t p[PAGE], got[PAGE], zero[PAGE] = { 0 };
+	uint32_t s0, s1;
+	int fd0 = frame_fd_of(0, &s0), fd1 = frame_fd_of(1, &s1);
+	uint64_t f1, f0;
+	int maps = maps_count(k->pid);
+
+	ck_assert_uint_ne(s0, s1);
+	fill(p, 4242);
+	ck_assert_int_eq(ops->frame_alloc(be, 1, SP_MERGE_NO_HINT, &f1), 0);
+	ck_assert_uint_eq(f1 >> 32, s1);
+	ck_assert_int_eq(ops->frame_write(be, f1, p), 0);
+	f0 = frames_new(1, 4242);          /* the same bytes, in domain 0 */
+	ck_assert_uint_eq(f0 >> 32, s0);
+	/* domain 1's bytes are in its file only */
+	ck_assert_int_eq(pread(fd1, got, PAGE, (off_t)((f1 & 0xffffffffull) * PAGE)), PAGE);
+	ck_assert_mem_eq(got, p, PAGE);
+	ck_assert_int_eq(pread(fd0, got, PAGE, (off_t)((f1 & 0xffffffffull) * PAGE)), PAGE);
+	if ((f1 & 0xffffffffull) != (f0 & 0xffffffffull))
+		ck_assert_mem_eq(got, zero, PAGE);
+	/* a clone of domain 0 refuses domain 1's frame, takes its own */
+	kid_write(k, 30, p, 1);
+	kid_write(k, 31, p, 1);
+	req_set(&r[0], 30, SP_MERGE_FRAME, f1);
+	req_set(&r[1], 31, SP_MERGE_FRAME, f0);
+	ck_assert_int_eq(kid_apply(k, r, 2), 0);
+	ck_assert_int_eq(r[0].result, -EXDEV);
+	ck_assert_int_eq(r[1].result, 0);
+	ck_assert(kid_private(k, 30));
+	kid_simple(k, K_TOUCH, NULL);
+	ck_assert_uint_eq(kid_pfn(k, 31), frame_pfn(f0));
+	ck_assert_int_le(maps_count(k->pid), maps + 2);
+	check_model(k);
+	sp_merge_linux_stats_get(be, &st);
+	ck_assert_uint_eq(st.frame_files, 2);
 }
 END_TEST
 
@@ -591,7 +648,7 @@ START_TEST(anonymous_ram_maps_template)
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	struct sp_merge_clone_desc d = {
 		.ram = ram, .npages = NPAGES, .tmpl_fd = tmpl_fd,
-		.frame_fd = sp_merge_linux_frame_fd(be), .ram_anon = 1,
+		.frame_fd = frame_fd_of(0, NULL), .ram_anon = 1,
 	};
 	struct sp_merge_clone *c;
 	struct sp_merge_req r[4];
@@ -668,13 +725,13 @@ START_TEST(frame_run_shared_by_two_children)
 	check_model(b);
 
 	/* a write after the merge is private to the writer */
-	ck_assert_int_eq(pread(sp_merge_linux_frame_fd(be), before, PAGE, (off_t)(f + 6) * PAGE),
+	ck_assert_int_eq(pread(frame_fd_of(0, NULL), before, PAGE, (off_t)(f + 6) * PAGE),
 			 PAGE);
 	kid_word(a, 70, 3, 0x1122334455667788ull);
 	ck_assert(kid_private(a, 70));
 	ck_assert_uint_ne(kid_pfn(a, 70), frame_pfn(f + 6));
 	ck_assert_uint_eq(kid_pfn(b, 70), frame_pfn(f + 6));
-	ck_assert_int_eq(pread(sp_merge_linux_frame_fd(be), after, PAGE, (off_t)(f + 6) * PAGE),
+	ck_assert_int_eq(pread(frame_fd_of(0, NULL), after, PAGE, (off_t)(f + 6) * PAGE),
 			 PAGE);
 	ck_assert_mem_eq(before, after, PAGE);
 	check_model(a);
@@ -1018,34 +1075,46 @@ END_TEST
 START_TEST(frames_monotonic_and_returned)
 {
 	struct sp_merge_linux_stats st;
-	uint64_t f, last = 0;
-	uint8_t p[PAGE];
+	uint64_t f, last[3] = { 0 }, got[256], n[3] = { 0 };
+	uint32_t slot[3];
+	uint8_t p[PAGE], q[PAGE];
 	const void *out;
 
+	for (uint32_t d = 0; d < 3; d++)
+		(void)frame_fd_of(d, &slot[d]);
 	for (int i = 0; i < 256; i++) {
-		ck_assert_int_eq(ops->frame_alloc(be, (uint32_t)i % 3,
-						  i % 2 ? last + 1 : SP_MERGE_NO_HINT, &f), 0);
-		ck_assert_uint_eq(f, (uint64_t)i);
+		uint32_t d = (uint32_t)i % 3;
+
+		ck_assert_int_eq(ops->frame_alloc(be, d, n[d] ? last[d] + 1 : SP_MERGE_NO_HINT,
+						  &f), 0);
+		/* each domain's file, its pages in order */
+		ck_assert_uint_eq(f, (uint64_t)slot[d] << 32 | n[d]);
+		n[d]++;
 		fill(p, (uint64_t)i);
 		ck_assert_int_eq(ops->frame_write(be, f, p), 0);
-		ck_assert_int_eq(ops->read_frame(be, f, p, &out), 0);
+		memset(q, 0, PAGE);
+		ck_assert_int_eq(ops->read_frame(be, f, q, &out), 0);
 		ck_assert_mem_eq(out, p, PAGE);
-		last = f;
+		last[d] = got[i] = f;
 	}
 	sp_merge_linux_stats_get(be, &st);
 	ck_assert_uint_eq(st.frames_live, 256);
+	ck_assert_uint_eq(st.frame_files, 3);
 	ck_assert_uint_ge(st.frame_file_bytes, 256 * PAGE);
-	for (uint64_t i = 0; i < 256; i++)
-		ops->frame_free(be, i);
+	for (int i = 0; i < 256; i++)
+		ops->frame_free(be, got[i]);
 	sp_merge_linux_stats_get(be, &st);
 	ck_assert_uint_eq(st.frames_live, 0);
 	ck_assert_uint_eq(st.frames_retired, 256);
 	ck_assert_uint_lt(st.frame_file_bytes, 16 * PAGE);  /* memory returned */
 	/* freed numbers are never handed out again, whatever the hint */
 	ck_assert_int_eq(ops->frame_alloc(be, 0, 3, &f), 0);
-	ck_assert_uint_eq(f, 256);
+	ck_assert_uint_eq(f, (uint64_t)slot[0] << 32 | n[0]);
 	ck_assert_int_eq(ops->frame_alloc(be, 0, 1000, &f), 0);
-	ck_assert_uint_eq(f, 257);
+	ck_assert_uint_eq(f, (uint64_t)slot[0] << 32 | (n[0] + 1));
+	/* numbers that name no frame are refused */
+	ck_assert_int_eq(ops->read_frame(be, (uint64_t)7 << 32, p, &out), -EINVAL);
+	ck_assert_int_eq(ops->frame_write(be, (uint64_t)slot[1] << 32 | n[1], p), -EINVAL);
 }
 END_TEST
 
@@ -1213,6 +1282,7 @@ int main(void)
 	tcase_set_timeout(tc, 60);
 	tcase_add_checked_fixture(tc, setup, NULL);
 	tcase_add_test(tc, frame_fd_read_only);
+	tcase_add_test(tc, frame_files_per_domain);
 	tcase_add_test(tc, template_own_offset_discard);
 	tcase_add_test(tc, template_own_offset_after_remap);
 	tcase_add_test(tc, anonymous_ram_maps_template);
