@@ -109,6 +109,32 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 	}
 	if (fd >= 0)
 		close(fd);
+	if (m->type == SP_MERGE_MSG_DIGEST) {
+		/* hash the pages asked for (the owner then reads only those it
+		 * copies into frames); always answer, so the owner never hangs */
+		int rc = -EPROTO;
+		uint64_t *pg = NULL;
+
+		if ((size_t)n >= hdr && m->n <= SP_MERGE_MSG_MAX_REQS &&
+		    (size_t)n == hdr + m->n * sizeof(m->reqs[0]))
+			rc = *ap ? 0 : -ENODEV;
+		else
+			m->n = 0;
+		if (rc == 0 && !(pg = malloc(m->n * sizeof(*pg) + 1)))
+			rc = -ENOMEM;
+		if (rc == 0) {
+			for (uint32_t i = 0; i < m->n; i++)
+				pg[i] = m->reqs[i].page;
+			rc = sp_merge_clone_digest(*ap, pg, m->n, pg);
+		}
+		for (uint32_t i = 0; i < m->n; i++) {
+			m->reqs[i].target = rc == 0 ? pg[i] : 0;
+			m->reqs[i].result = rc;
+		}
+		free(pg);
+		n = (ssize_t)(hdr + m->n * sizeof(m->reqs[0]));
+		return send(sock, m, (size_t)n, MSG_NOSIGNAL) == n ? 0 : -1;
+	}
 	if (m->type != SP_MERGE_MSG_BATCH)
 		return 0;
 	if ((size_t)n < hdr || m->n > SP_MERGE_MSG_MAX_REQS ||

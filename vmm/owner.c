@@ -34,6 +34,9 @@ struct transport {
 	int sock;
 	size_t sent;               /* (s) requests of the batch in flight shipped */
 	struct sp_merge_msg msg;   /* (s) engine thread only: one batch in flight */
+	struct sp_merge_msg *kept; /* (s) the batch's answer, if it came while
+				      ship_digest waited for its own */
+	ssize_t kept_len;          /* (s) its length; 0: none kept */
 };
 
 /* Requests in the message that carries reqs[done...] of a batch of n. */
@@ -85,9 +88,16 @@ static int ship_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
 				reqs[i].result = -EPIPE;
 			break;
 		}
-		do
-			r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
-		while (r < 0 && errno == EINTR);
+		if (t->kept_len) {
+			/* answered while ship_digest waited */
+			memcpy(&t->msg, t->kept, (size_t)t->kept_len);
+			r = t->kept_len;
+			t->kept_len = 0;
+		} else {
+			do
+				r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
+			while (r < 0 && errno == EINTR);
+		}
 		if (r <= 0) {
 			/* the clone died mid-batch: the rest stays unapplied */
 			for (size_t i = done; i < n; i++)
@@ -103,6 +113,49 @@ static int ship_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
 		}
 		for (size_t i = 0; i < k; i++)
 			reqs[done + i].result = t->msg.reqs[i].result;
+	}
+	return 0;
+}
+
+/* sp_merge_linux_digest_fn: the clone hashes n of its pages. The answer to
+ * a batch in flight comes first (the clone answers in order): keep it for
+ * ship_recv. */
+static int ship_digest(void *ctx, const uint64_t *pages, size_t n, uint64_t *out)
+{
+	struct transport *t = ctx;
+	size_t bytes = offsetof(struct sp_merge_msg, reqs) + n * sizeof(t->msg.reqs[0]);
+	ssize_t r;
+
+	if (n > SP_MERGE_MSG_MAX_REQS)
+		return -EINVAL;
+	t->msg.type = SP_MERGE_MSG_DIGEST;
+	t->msg.n = (uint32_t)n;
+	for (size_t i = 0; i < n; i++)
+		t->msg.reqs[i] = (struct sp_merge_req){ .page = pages[i] };
+	do
+		r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
+	while (r < 0 && errno == EINTR);
+	if (r != (ssize_t)bytes)
+		return -EPIPE;
+	for (;;) {
+		do
+			r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
+		while (r < 0 && errno == EINTR);
+		if (r <= 0)
+			return -ESRCH;
+		if (t->msg.type != SP_MERGE_MSG_DONE)
+			break;
+		if (!t->kept && !(t->kept = malloc(sizeof(*t->kept))))
+			return -ENOMEM;
+		memcpy(t->kept, &t->msg, (size_t)r);
+		t->kept_len = r;
+	}
+	if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DIGEST || t->msg.n != n)
+		return -EPROTO;
+	for (size_t i = 0; i < n; i++) {
+		if (t->msg.reqs[i].result)
+			return t->msg.reqs[i].result < 0 ? t->msg.reqs[i].result : -EPROTO;
+		out[i] = t->msg.reqs[i].target;
 	}
 	return 0;
 }
@@ -199,6 +252,8 @@ static void backend_stats(int fd, struct sp_merge_linux *b)
 	putf(fd, "stats.backend.scans_skipped %llu\n", (unsigned long long)st.scans_skipped);
 	putf(fd, "stats.backend.scan_ns %llu\n", (unsigned long long)st.scan_ns);
 	putf(fd, "stats.backend.pages_reported %llu\n", (unsigned long long)st.pages_reported);
+	putf(fd, "stats.backend.pages_digested %llu\n", (unsigned long long)st.pages_digested);
+	putf(fd, "stats.backend.pages_read %llu\n", (unsigned long long)st.pages_read);
 	putf(fd, "stats.backend.merge_batches %llu\n", (unsigned long long)st.merge_batches);
 	putf(fd, "stats.backend.merge_ns %llu\n", (unsigned long long)st.merge_ns);
 }
@@ -297,7 +352,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 		struct sp_merge_linux_region_desc bd = {
 			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
 			.npages = o->npages, .tmpl = bt, .apply = ship, .send = ship_send,
-			.recv = ship_recv, .transport_ctx = &tr[i],
+			.recv = ship_recv, .digest = ship_digest, .transport_ctx = &tr[i],
 		};
 		struct sp_merge_region_desc rd = { .npages = o->npages,
 						   .domain = o->clones[i].domain, .tmpl = et };
@@ -429,6 +484,8 @@ out:
 	sp_merge_linux_restore_map_count(&mc);
 	free(br);
 	free(er);
+	for (uint32_t i = 0; tr && i < o->nclones; i++)
+		free(tr[i].kept);
 	free(tr);
 	free(pf);
 	return status;

@@ -33,6 +33,9 @@
 				    (SCM_RIGHTS), its slot in n */
 #define SP_MERGE_MSG_BATCH 1u
 #define SP_MERGE_MSG_DONE 2u
+#define SP_MERGE_MSG_DIGEST 4u   /* pages in reqs[i].page; the answer, of
+				    the same type, has each page's XXH3-64 in
+				    reqs[i].target (result 0) */
 #define SP_MERGE_MSG_MAX_REQS 1024u
 
 struct sp_merge_msg {

@@ -82,6 +82,16 @@ struct sp_merge_ops {
 	int (*read_page)(void *ctx, void *region, uint64_t page, void *buf,
 			 const void **out);
 
+	/* Optional: out[i] = XXH3-64 of the current content of pages[i] of
+	 * region, for i < n (n <= 256), computed where the memory is (the
+	 * clone hashes its own pages), so that the core reads only the pages
+	 * it copies into frames. A digest only proposes: every merge is
+	 * verified by merge(), so a wrong or stale digest costs a refused
+	 * merge. Returns 0, or a negative errno (then the core reads those
+	 * pages; -ENOSYS: this region cannot). */
+	int (*digest)(void *ctx, void *region, const uint64_t *pages, size_t n,
+		      uint64_t *out);
+
 	/* Content of template page `page` (immutable). */
 	int (*read_template)(void *ctx, void *tmpl, uint64_t page, void *buf,
 			     const void **out);

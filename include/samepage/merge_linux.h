@@ -5,12 +5,14 @@
  *
  *  - the owner side (lib/merge/merge_linux.c) is the struct sp_merge_ops the
  *    engine calls: it finds the pages each clone changed (PAGEMAP_SCAN on
- *    /proc/PID/pagemap, gated by the clone's page-fault counter), reads them
- *    through /proc/PID/mem, reads templates through read-only shared
- *    mappings, and keeps the frame files, one memfd per merge domain (a
- *    clone is given only its own domain's, read-only). It never touches a
- *    clone's mappings: merge() hands each batch to a transport callback the
- *    embedder provides (a socket to the clone);
+ *    /proc/PID/pagemap, gated by the clone's page-fault counter), has the
+ *    clone hash them (the digest transport) and reads through
+ *    /proc/PID/mem only those it copies into frames, reads templates
+ *    through read-only shared mappings, and keeps the frame files, one
+ *    memfd per merge domain (a clone is given only its own domain's,
+ *    read-only). It never touches a clone's mappings: merge() hands each
+ *    batch to a transport callback the embedder provides (a socket to the
+ *    clone);
  *
  *  - the clone side (lib/merge/apply_linux.c) runs inside the clone, between
  *    two KVM_RUN calls (no vCPU running), and applies a batch to its own
@@ -88,6 +90,13 @@ typedef int (*sp_merge_linux_send_fn)(void *transport_ctx,
 				      const struct sp_merge_req *reqs, size_t n);
 typedef int (*sp_merge_linux_recv_fn)(void *transport_ctx,
 				      struct sp_merge_req *reqs, size_t n);
+/* Optional: ask the clone for the XXH3-64 digests of n (<= 256) pages of
+ * its RAM (sp_merge_clone_digest) and wait for them, so that the owner
+ * reads only the pages it copies into frames. A batch sent with send may
+ * still be unanswered: its answer arrives first and must be kept for recv.
+ * Returns 0 or -errno (-ESRCH: the clone is gone). Called like send. */
+typedef int (*sp_merge_linux_digest_fn)(void *transport_ctx, const uint64_t *pages,
+					size_t n, uint64_t *out);
 
 struct sp_merge_linux_region_desc {
 	pid_t pid;                       /* the clone's process */
@@ -97,7 +106,8 @@ struct sp_merge_linux_region_desc {
 	sp_merge_linux_apply_fn apply;   /* transport to the clone */
 	sp_merge_linux_send_fn send;     /* optional, with recv: the same */
 	sp_merge_linux_recv_fn recv;     /*   split, to overlap with the engine */
-	void *transport_ctx;             /* passed to apply, send, recv */
+	sp_merge_linux_digest_fn digest; /* optional: the clone hashes pages */
+	void *transport_ctx;             /* passed to apply, send, recv, digest */
 };
 
 struct sp_merge_linux_stats {
@@ -111,6 +121,8 @@ struct sp_merge_linux_stats {
 	uint64_t scan_ns;          /* time spent scanning */
 	uint64_t pages_reported;   /* pages returned by changed() */
 	uint64_t pages_revisited;  /* of which revisits */
+	uint64_t pages_digested;   /* pages the clones hashed for the owner */
+	uint64_t pages_read;       /* pages the owner read (read_page) */
 	uint64_t merge_batches;    /* batches shipped */
 	uint64_t merge_ns;         /* time the engine spent in the transport
 				      (apply, or send + recv: blocked time) */
@@ -235,6 +247,12 @@ void sp_merge_clone_destroy(struct sp_merge_clone *c);
  */
 int sp_merge_clone_apply(struct sp_merge_clone *c, struct sp_merge_req *reqs,
 			 size_t n);
+
+/* For the owner's digest request: out[i] = XXH3-64 of page pages[i] of this
+ * clone's RAM as it is now (no vCPU running); out may be pages. Returns 0,
+ * or -EINVAL if a page is out of range (nothing computed). */
+int sp_merge_clone_digest(const struct sp_merge_clone *c, const uint64_t *pages,
+			  size_t n, uint64_t *out);
 
 void sp_merge_clone_stats_get(const struct sp_merge_clone *c,
 			      struct sp_merge_clone_stats *st);

@@ -46,6 +46,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <xxhash.h>
+
 #include "samepage/merge_linux.h"
 
 #define PAGE SP_MERGE_PAGE_BYTES
@@ -370,5 +372,16 @@ int sp_merge_clone_apply(struct sp_merge_clone *c, struct sp_merge_req *reqs, si
 			break;
 		}
 	}
+	return 0;
+}
+
+int sp_merge_clone_digest(const struct sp_merge_clone *c, const uint64_t *pages,
+			  size_t n, uint64_t *out)
+{
+	for (size_t i = 0; i < n; i++)
+		if (pages[i] >= c->npages)
+			return -EINVAL;
+	for (size_t i = 0; i < n; i++)
+		out[i] = XXH3_64bits(c->ram + pages[i] * PAGE, PAGE);
 	return 0;
 }

@@ -77,7 +77,10 @@
  *       is accounted, so no wrong guess waits a pass.
  *   reported changed -> taken out of whatever it was in (stable node rmap:
  *       the page was written and copied privately, so the node loses a
- *       reference; unstable tree; waiting lists), read and hashed, then
+ *       reference; unstable tree; waiting lists), read and hashed (or, with
+ *       ops.digest, hashed where it lives: the backend returns the digests
+ *       of a chunk of changed pages at once, and the page is read only if
+ *       its bytes must be copied into a new frame), then
  *   - volatile check: if it was also reported in the previous pass and its
  *     digest differs from the one read then, it keeps changing: it waits
  *     (SETTLE) and is processed in the next pass that does not report it
@@ -321,6 +324,7 @@ struct sp_merge_region {
 	uint64_t nitems;                /* (t) */
 	uint32_t collected;             /* (t) last pass that collected all
 					   of its changes */
+	bool no_digest;                 /* (t) ops.digest said -ENOSYS */
 };
 
 /* A merge request waiting in the batch. */
@@ -393,6 +397,9 @@ struct sp_merge {
 	struct inflight *fl;            /* (t) ...and its batches */
 	size_t nfl;                     /* (t) */
 	uint64_t *chg;                  /* (t) scratch for ops.changed */
+	uint64_t *dig;                  /* (t) ops.digest: digests of chg[i] */
+	uint64_t *dig_req;              /* (t) ...the pages asked for */
+	uint8_t *dig_have;              /* (t) ...1: dig[i] is chg[i]'s */
 	bool hint_valid;                /* (t) last frame allocation... */
 	uint32_t hint_region, hint_page;/* (t) ...was for this page */
 	uint64_t hint_frame;            /* (t) ...and got this frame */
@@ -1514,6 +1521,18 @@ static void reserve(struct sp_merge *e)
 
 /* --- the lookup ------------------------------------------------------- */
 
+/* Is an entry with digest csum waiting in d's unstable tree? */
+static bool unstable_has(struct sp_merge *e, struct sp_domain *d, uint32_t csum)
+{
+	struct sp_item key;
+	uint32_t id;
+
+	memset(&key, 0, sizeof(key));
+	key.csum = csum;
+	id = u_nfind(e, d->unstable, &key);
+	return id != NO_ITEM && item_at(e, id)->csum == csum;
+}
+
 /* The first unstable entry of d with digest csum, taken out of the tree,
  * or NULL. It is not read: the caller proposes it, as a prediction, for a
  * frame holding the candidate's content, and its merge compares it with
@@ -1543,7 +1562,9 @@ static struct sp_item *unstable_take(struct sp_merge *e, struct sp_domain *d,
  * 64-bit digest picks the target and the merge, which compares the page
  * with its target before mapping anything, is the comparison (a page
  * refused that way is read again and looked up with verify set, so a
- * digest collision costs one refused merge, never a wrong one). */
+ * digest collision costs one refused merge, never a wrong one).
+ * content NULL (with verify false): only the digest is known (ops.digest);
+ * the page is read only if it must be copied into a new frame. */
 static void classify(struct sp_merge *e, struct sp_item *it,
 		     const void *content, uint64_t hash, struct sp_item *twin,
 		     bool verify)
@@ -1559,6 +1580,7 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 
 	TREE_LOCK_ASSERT(e);
 	assert(it->state == ST_NONE && e->npend + 2 <= PEND_MAX);
+	assert(content != NULL || !verify);
 
 	/* 1. Back to the template page at its own offset. */
 	if (t != NULL && it->page < t->npages && t->hashes[it->page] == hash &&
@@ -1568,9 +1590,9 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 	}
 	/* 2. The zero page. */
 	if (knob(e, K_USE_ZERO_PAGES) && hash == e->zero_hash &&
-	    is_zero(content)) {
+	    (content == NULL || is_zero(content))) {
 		n = zero_node(e, d);
-		guess = false;
+		guess = content == NULL;
 		goto merge;
 	}
 	/* 3. Another page of the template. */
@@ -1583,6 +1605,8 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 	if (n != NULL && cmp == NULL && chain_pick(e, n) == NULL) {
 		/* A full chain gets a dup made from this page, which must
 		 * hold its head's bytes: compare before making one. */
+		if (content == NULL)
+			goto read;
 		n = stable_find(e, d, hash, content);
 		guess = false;
 	}
@@ -1611,8 +1635,11 @@ static void classify(struct sp_merge *e, struct sp_item *it,
 	 * alone until an equal page comes. Reading it here would cost a
 	 * second read of a page of another clone, and prove nothing the
 	 * merge does not prove again. */
-	if (twin != NULL && twin->csum == (uint32_t)hash &&
-	    item_region(e, twin)->dom == d) {
+	if (twin != NULL && (twin->csum != (uint32_t)hash || item_region(e, twin)->dom != d))
+		twin = NULL;
+	if (content == NULL && (twin != NULL || unstable_has(e, d, (uint32_t)hash)))
+		goto read;   /* a new frame: its bytes come from this page */
+	if (twin != NULL) {
 		u_remove(e, &d->unstable, item_id(twin));
 		stat_add(e, S_PAGES_UNSHARED, -1);
 		twin->state = ST_NONE;
@@ -1646,6 +1673,19 @@ merge:
 	if (guess)
 		stat_add(e, S_PREDICTED, 1);
 	queue_as(e, it, n, guess);
+	return;
+
+read:
+	/* Known by its digest only, and now its bytes are needed: read it
+	 * and look it up again with them (its digest may have moved). */
+	if (read_item(e, it, B_CAND, &content) != 0) {
+		stat_add(e, S_BACKEND_ERRORS, 1);
+		to_settle(e, it);
+		return;
+	}
+	hash = page_hash(content);
+	it->csum = (uint32_t)hash;
+	classify(e, it, content, hash, twin, false);
 }
 
 /* Read and hash a candidate; 0, or -errno after parking it to settle. */
@@ -1699,7 +1739,8 @@ static struct sp_stable *predict(struct sp_merge *e, struct sp_merge_region *r,
  * r's domain (NULL if none), whose page at the same offset predicts this
  * one's content the first time it is reported. */
 static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
-			 struct sp_merge_region *sib, uint32_t page)
+			 struct sp_merge_region *sib, uint32_t page,
+			 const uint64_t *dig)
 {
 	struct sp_item *it = item_find(e, r, page), *s;
 	struct sp_stable *n;
@@ -1735,8 +1776,14 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 		queue_as(e, it, n, true);
 		return;
 	}
-	if (load(e, it, &content, &hash) != 0)
+	if (dig != NULL) {
+		/* hashed where it lives: read only if it makes a frame */
+		stat_add(e, S_PAGES_SCANNED, 1);
+		content = NULL;
+		hash = *dig;
+	} else if (load(e, it, &content, &hash) != 0) {
 		return;
+	}
 	it->csum = (uint32_t)hash;
 	if (!fresh && prev_pass == pass_prev(e->pass) && prev_csum != it->csum) {
 		to_settle(e, it);   /* volatile: changing pass after pass */
@@ -1841,6 +1888,47 @@ static struct sp_merge_region *sibling(struct sp_merge *e,
 	return NULL;
 }
 
+/* Ask the backend for the digests of the n pages changed() just reported
+ * (e->chg), except those a prediction will propose unread: one request
+ * per chunk. On failure they are read as usual. */
+static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r,
+			 struct sp_merge_region *sib, size_t n)
+{
+	size_t i, m = 0;
+	int rc;
+
+	TREE_LOCK_ASSERT(e);
+	memset(e->dig_have, 0, n);
+	if (r->no_digest)
+		return;
+	for (i = 0; i < n; i++) {
+		uint32_t page = (uint32_t)e->chg[i];
+
+		if (e->chg[i] >= r->npages ||
+		    (item_find(e, r, page) == NULL &&
+		     predict(e, r, sib_item(e, sib, page)) != NULL))
+			continue;
+		e->dig_req[m++] = e->chg[i];
+		e->dig_have[i] = 1;
+	}
+	if (m == 0)
+		return;
+	rc = e->ops.digest(e->ctx, r->handle, e->dig_req, m, e->dig);
+	if (rc != 0) {
+		if (rc == -ENOSYS)
+			r->no_digest = true;
+		else
+			stat_add(e, S_BACKEND_ERRORS, 1);
+		memset(e->dig_have, 0, n);
+		return;
+	}
+	/* spread dig[0, m) out to the indices asked for (in place, from the
+	 * end: the k-th digest belongs at an index >= k) */
+	for (i = n; i-- > 0;)
+		if (e->dig_have[i])
+			e->dig[i] = e->dig[--m];
+}
+
 static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 {
 	struct sp_item *it;
@@ -1874,12 +1962,16 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 				e->cursor++;
 				break;
 			}
+			if (e->ops.digest != NULL)
+				digest_chunk(e, r, sib, (size_t)n);
 			for (i = 0; i < (size_t)n; i++) {
 				if (e->chg[i] >= r->npages) {
 					stat_add(e, S_BACKEND_ERRORS, 1);
 					continue;
 				}
-				changed_page(e, r, sib, (uint32_t)e->chg[i]);
+				changed_page(e, r, sib, (uint32_t)e->chg[i],
+					     e->dig_have != NULL && e->dig_have[i] ?
+					     &e->dig[i] : NULL);
 			}
 			if (n > 0)
 				e->pass_changed = true;
@@ -1994,6 +2086,11 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	e->pend = calloc(PEND_MAX, sizeof(*e->pend));
 	e->reqs = calloc(PEND_MAX, sizeof(*e->reqs));
 	e->chg = calloc(CHG_CHUNK, sizeof(*e->chg));
+	if (ops->digest != NULL) {
+		e->dig = calloc(CHG_CHUNK, sizeof(*e->dig));
+		e->dig_req = calloc(CHG_CHUNK, sizeof(*e->dig_req));
+		e->dig_have = calloc(CHG_CHUNK, sizeof(*e->dig_have));
+	}
 	if (e->async) {
 		e->fl_pend = calloc(PEND_MAX, sizeof(*e->fl_pend));
 		e->fl_reqs = calloc(PEND_MAX, sizeof(*e->fl_reqs));
@@ -2003,7 +2100,8 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 		e->buf[i] = aligned_alloc(PAGE, PAGE);
 	if (!e->pend || !e->reqs || !e->chg || !e->buf[0] || !e->buf[1] ||
 	    !e->buf[2] || !e->buf[3] ||
-	    (e->async && (!e->fl_pend || !e->fl_reqs || !e->fl))) {
+	    (e->async && (!e->fl_pend || !e->fl_reqs || !e->fl)) ||
+	    (ops->digest != NULL && (!e->dig || !e->dig_req || !e->dig_have))) {
 		sp_merge_destroy(e);
 		return sp_error_set(err, -ENOMEM, "merge engine: out of memory");
 	}
@@ -2011,7 +2109,9 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 		    (int64_t)(sizeof(*e) + PEND_MAX * (sizeof(*e->pend) +
 		    sizeof(*e->reqs)) * (e->async ? 2 : 1) +
 		    (e->async ? PEND_MAX * sizeof(*e->fl) : 0) +
-		    CHG_CHUNK * sizeof(*e->chg) + NBUF * PAGE));
+		    CHG_CHUNK * sizeof(*e->chg) + NBUF * PAGE +
+		    (ops->digest != NULL ? CHG_CHUNK * (2 * sizeof(*e->dig) +
+						      sizeof(*e->dig_have)) : 0)));
 	*out = e;
 	return 0;
 }
@@ -2077,6 +2177,9 @@ void sp_merge_destroy(struct sp_merge *e)
 	free(e->fl_reqs);
 	free(e->fl);
 	free(e->chg);
+	free(e->dig);
+	free(e->dig_req);
+	free(e->dig_have);
 	for (b = 0; b < NBUF; b++)
 		free(e->buf[b]);
 	pthread_mutex_destroy(&e->lock);

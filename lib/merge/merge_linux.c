@@ -150,8 +150,13 @@ struct sp_merge_linux {
 	size_t ra_at, ra_len;       /* (e) ra_buf holds ra_list[ra_at, +ra_len) */
 	uint8_t *ra_buf;            /* (e) RA_WIN pages of read-ahead content */
 	uint8_t ra_used[RA_WIN];    /* (e) slot already served once */
+	size_t ra_win;              /* (e) pages a fill reads: 1..RA_WIN, halved
+				       when a window was mostly not read (the
+				       clones hash, the owner reads only frame
+				       sources), doubled when it all was */
 	_Atomic uint64_t frames_live, frames_retired, scans, scans_skipped, scan_ns,
-		pages_reported, pages_revisited, merge_batches, merge_ns; /* (a) */
+		pages_reported, pages_revisited, merge_batches, merge_ns,
+		pages_digested, pages_read; /* (a) */
 	_Atomic int nregions;       /* (a) */
 };
 
@@ -171,6 +176,7 @@ struct sp_merge_linux_region {
 	sp_merge_linux_apply_fn apply; /* (c) */
 	sp_merge_linux_send_fn send; /* (c) NULL: apply only */
 	sp_merge_linux_recv_fn recv; /* (c) */
+	sp_merge_linux_digest_fn digest; /* (c) NULL: the owner reads pages */
 	void *tctx;                 /* (c) */
 	int submit_rc;              /* (e) apply's result, when submit applied */
 	uint64_t submit_ns;         /* (e) time submit spent */
@@ -302,6 +308,7 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 	b->ra_list = calloc(RA_LIST, sizeof(*b->ra_list));
 	b->ra_buf = aligned_alloc(PAGE, (size_t)RA_WIN * PAGE);
 	b->ra_ok = 1;
+	b->ra_win = RA_WIN;
 	if (!b->vec || !b->pm || !b->ra_list || !b->ra_buf) {
 		rc = sp_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
@@ -432,6 +439,8 @@ void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_st
 	st->scan_ns = atomic_load(&b->scan_ns);
 	st->pages_reported = atomic_load(&b->pages_reported);
 	st->pages_revisited = atomic_load(&b->pages_revisited);
+	st->pages_digested = atomic_load(&b->pages_digested);
+	st->pages_read = atomic_load(&b->pages_read);
 	st->merge_batches = atomic_load(&b->merge_batches);
 	st->merge_ns = atomic_load(&b->merge_ns);
 	st->scan_ioctl = b->scan_ioctl;
@@ -507,6 +516,7 @@ int sp_merge_linux_region_add(struct sp_merge_linux *b,
 	r->apply = d->apply;
 	r->send = d->send;
 	r->recv = d->recv;
+	r->digest = d->digest;
 	r->tctx = d->transport_ctx;
 	r->mem_fd = r->pagemap_fd = r->stat_fd = -1;
 	r->force = 1;
@@ -760,9 +770,16 @@ static int op_changed(void *ctx, void *region, uint64_t *pages, size_t cap)
 static void ra_fill(struct sp_merge_linux *b, struct sp_merge_linux_region *r, size_t at)
 {
 	struct iovec local, remote[RA_WIN];
-	size_t n = b->ra_n - at < RA_WIN ? b->ra_n - at : RA_WIN, nr = 0;
+	size_t n, nr = 0, used = 0;
 	ssize_t got;
 
+	for (size_t i = 0; i < b->ra_len; i++)
+		used += b->ra_used[i];
+	if (b->ra_len && used == b->ra_len && b->ra_win < RA_WIN)
+		b->ra_win *= 2;
+	else if (b->ra_len && used * 2 < b->ra_len && b->ra_win > 1)
+		b->ra_win /= 2;
+	n = b->ra_n - at < b->ra_win ? b->ra_n - at : b->ra_win;
 	b->ra_at = at;
 	b->ra_len = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -826,6 +843,7 @@ static int op_read_page(void *ctx, void *region, uint64_t page, void *buf, const
 
 	if (page >= r->npages)
 		return -EINVAL;
+	atomic_fetch_add(&b->pages_read, 1);
 	if (ra_read(b, r, page, buf)) {
 		*out = buf;
 		return 0;
@@ -845,6 +863,23 @@ static int op_read_page(void *ctx, void *region, uint64_t page, void *buf, const
 		done += (size_t)got;
 	}
 	*out = buf;
+	return 0;
+}
+
+static int op_digest(void *ctx, void *region, const uint64_t *pages, size_t n,
+		     uint64_t *out)
+{
+	struct sp_merge_linux_region *r = region;
+	int rc;
+
+	if (!r->digest)
+		return -ENOSYS;
+	if (is_dead(r))
+		return -ESRCH;
+	rc = r->digest(r->tctx, pages, n, out);
+	if (rc)
+		return is_dead(r) ? -ESRCH : (rc < 0 ? rc : -EIO);
+	atomic_fetch_add(&((struct sp_merge_linux *)ctx)->pages_digested, n);
 	return 0;
 }
 
@@ -1028,6 +1063,7 @@ static int op_merge_wait(void *ctx, void *region, struct sp_merge_req *reqs, siz
 static const struct sp_merge_ops linux_ops = {
 	.changed = op_changed,
 	.read_page = op_read_page,
+	.digest = op_digest,
 	.read_template = op_read_template,
 	.read_frame = op_read_frame,
 	.frame_alloc = op_frame_alloc,

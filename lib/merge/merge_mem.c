@@ -189,6 +189,35 @@ static int op_read_page(void *ctx, void *region, uint64_t page, void *buf,
 	return rc;
 }
 
+/* The clone hashing its own pages: digests of the current content. */
+static int op_digest(void *ctx, void *region, const uint64_t *pages, size_t n,
+		     uint64_t *out)
+{
+	struct sp_merge_mem *mm = ctx;
+	struct sp_merge_mem_vm *vm = region;
+	int rc = 0;
+
+	pthread_mutex_lock(&mm->lock);
+	if (vm->dead) {
+		rc = -ESRCH;
+	} else if (n > 256) {
+		violation(mm, "digest: %zu pages at once", n);
+		rc = -EINVAL;
+	}
+	for (size_t i = 0; rc == 0 && i < n; i++) {
+		if (pages[i] >= vm->npages) {
+			violation(mm, "digest: page %llu past the end",
+				  (unsigned long long)pages[i]);
+			rc = -EINVAL;
+			break;
+		}
+		out[i] = XXH3_64bits(page_src(vm, pages[i]), PAGE);
+		mm->st.digests++;
+	}
+	pthread_mutex_unlock(&mm->lock);
+	return rc;
+}
+
 static int op_read_template(void *ctx, void *tmpl, uint64_t page, void *buf,
 			    const void **out)
 {
@@ -424,9 +453,26 @@ static const struct sp_merge_ops mem_ops = {
 	.merge = op_merge,
 };
 
+static const struct sp_merge_ops mem_ops_digest = {
+	.changed = op_changed,
+	.read_page = op_read_page,
+	.digest = op_digest,
+	.read_template = op_read_template,
+	.read_frame = op_read_frame,
+	.frame_alloc = op_frame_alloc,
+	.frame_write = op_frame_write,
+	.frame_free = op_frame_free,
+	.merge = op_merge,
+};
+
 const struct sp_merge_ops *sp_merge_mem_ops(void)
 {
 	return &mem_ops;
+}
+
+const struct sp_merge_ops *sp_merge_mem_ops_digest(void)
+{
+	return &mem_ops_digest;
 }
 
 /* --- the world -------------------------------------------------------- */

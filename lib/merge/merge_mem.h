@@ -30,6 +30,7 @@ struct sp_merge_mem_vm;     /* one clone's guest RAM */
 struct sp_merge_mem_stats {
 	uint64_t changed_calls;   /* ops.changed */
 	uint64_t reads;           /* ops.read_page */
+	uint64_t digests;         /* pages hashed by ops.digest */
 	uint64_t merge_calls;     /* ops.merge */
 	uint64_t merge_reqs;      /* requests in them */
 	uint64_t merged;          /* requests applied */
@@ -46,6 +47,8 @@ struct sp_merge_mem_stats {
 int sp_merge_mem_create(uint64_t max_frames, struct sp_merge_mem **out);
 void sp_merge_mem_destroy(struct sp_merge_mem *mm);
 const struct sp_merge_ops *sp_merge_mem_ops(void);
+/* The same with ops.digest: the clones hash their own pages. */
+const struct sp_merge_ops *sp_merge_mem_ops_digest(void);
 
 void sp_merge_mem_set_copy_reads(struct sp_merge_mem *mm, int on);
 /* Failure injection, per mille of merge requests / frame allocations;

@@ -153,6 +153,26 @@ static void add_vm(struct world *w, int i, uint32_t dom)
 /* nvm clones of npages over a template of tnpages pages, in ndom domains
  * (clone i in domain i % ndom). The template holds duplicates and zero
  * pages of its own. */
+/* ops.digest (the clones hash their own pages): on, or failing with
+ * dig.fail (counted in dig.calls). */
+static struct {
+	bool on;
+	int fail;
+	unsigned calls;
+} dig;
+
+static int dig_fail(void *ctx, void *region, const uint64_t *pages, size_t n,
+		    uint64_t *out)
+{
+	(void)ctx;
+	(void)region;
+	(void)pages;
+	(void)n;
+	(void)out;
+	dig.calls++;
+	return dig.fail;
+}
+
 static void world_init(struct world *w, int nvm, uint64_t npages,
 		       uint64_t tnpages, int ndom, uint64_t seed)
 {
@@ -178,8 +198,11 @@ static void world_init(struct world *w, int nvm, uint64_t npages,
 	ck_assert_int_eq(sp_merge_mem_tmpl_create(w->mm, w->tpages, tnpages,
 						  &w->mt), 0);
 	{
-		struct sp_merge_ops ops = *sp_merge_mem_ops();
+		struct sp_merge_ops ops = dig.on ? *sp_merge_mem_ops_digest() :
+						   *sp_merge_mem_ops();
 
+		if (dig.fail)
+			ops.digest = dig_fail;
 		if (as.on) {
 			ops.merge_submit = as_submit;
 			ops.merge_wait = as_wait;
@@ -1190,8 +1213,122 @@ static void model_run(uint64_t seed, int steps)
 
 START_TEST(test_model)
 {
-	as.on = _i >= 6;
+	/* 0-5 sync, 6-11 async, 12-13 with digests (sync, async) */
+	as.on = (_i >= 6 && _i < 12) || _i == 13;
+	dig.on = _i >= 12;
 	model_run((uint64_t)(_i % 6) + 1, 1500);
+}
+END_TEST
+
+/* With digests from the clones, the owner reads a page only to copy it
+ * into a new frame: same bytes at the same offsets in 4 clones, 32 pages:
+ * clones 0 and 1 are hashed, clone 1's pages read into 32 frames, clone
+ * 0's taken unread as their partners, clones 2 and 3 predicted. */
+START_TEST(test_digest_same)
+{
+	struct world w;
+	struct sp_merge_mem_stats a, b;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	as.on = _i;
+	dig.on = true;
+	world_init(&w, 4, 64, 64, 1, 21);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 10; p < 42; p++) {
+			gen(c, 600 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	/* one pass does it all (a wrong guess is read again in the same
+	 * pass); the checker, which reads every page, runs after */
+	sp_merge_mem_stats(w.mm, &a);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	sp_merge_mem_stats(w.mm, &b);
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_shared"), 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_sharing"), 3 * 32);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_uint_eq(b.digests - a.digests, 2 * 32);
+	ck_assert_uint_eq(b.reads - a.reads, 32);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_mispredicted"), 0);
+	world_fini(&w);
+}
+END_TEST
+
+/* Blocks at different offsets in each clone (scatter): pages are hashed
+ * by their clone, and the owner reads one page per frame, plus pages it
+ * guessed wrong from the sibling's offset and reads again. */
+START_TEST(test_digest_scatter)
+{
+	struct world w;
+	struct sp_merge_mem_stats a, b;
+	unsigned char c[PG];
+	int64_t mis1;
+	uint64_t k;
+	int i;
+
+	as.on = _i;
+	dig.on = true;
+	world_init(&w, 3, 64, 64, 1, 22);
+	for (i = 0; i < w.nvm; i++)
+		for (k = 0; k < 20; k++) {
+			gen(c, 800 + k);
+			wr(&w, i, 10 + (k + 3 * (uint64_t)i) % 20, 0, c, PG);
+		}
+	/* one pass does it all (a wrong guess is read again in the same
+	 * pass); the checker, which reads every page, runs after */
+	sp_merge_mem_stats(w.mm, &a);
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	sp_merge_mem_stats(w.mm, &b);
+	mis1 = ctl(&w, "stats.merge.pages_mispredicted");
+	converge(&w);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_shared"), 20);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 2 * 20);
+	/* a page re-read after a wrong guess may be the one a frame is
+	 * made from: at most one read per frame and per wrong guess, and
+	 * fewer than the 60 reads the owner would make without digests */
+	ck_assert_uint_ge(b.reads - a.reads, 20);
+	ck_assert_uint_le(b.reads - a.reads, 20 + (uint64_t)mis1);
+	ck_assert_uint_lt(b.reads - a.reads, 3 * 20);
+	/* clones 0 and 1 hashed; clone 2's pages were all guessed from
+	 * clone 1's targets at the same offsets (wrongly: they are read) */
+	ck_assert_uint_eq(b.digests - a.digests, 2 * 20);
+	world_fini(&w);
+}
+END_TEST
+
+/* A backend that cannot hash for a region (-ENOSYS) is asked once per
+ * region and then read from; any other failure falls back to reads for
+ * that chunk and counts as a backend error. Either way all merges. */
+START_TEST(test_digest_fails)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	dig.on = true;
+	dig.fail = _i ? -EIO : -ENOSYS;
+	world_init(&w, 3, 32, 32, 1, 23);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 4; p < 12; p++) {
+			gen(c, 900 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	converge(&w);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	ck_assert_int_eq(saving(&w), 2 * 8);
+	if (dig.fail == -ENOSYS) {
+		ck_assert_uint_le(dig.calls, 3);
+		ck_assert_int_eq(ctl(&w, "stats.merge.backend_errors"), 0);
+	} else {
+		ck_assert_uint_gt(dig.calls, 0);
+		ck_assert_int_eq(ctl(&w, "stats.merge.backend_errors"), (int64_t)dig.calls);
+	}
+	world_fini(&w);
 }
 END_TEST
 
@@ -1340,7 +1477,10 @@ static Suite *suite(void)
 	tcase_add_test(tc, test_knobs_documented);
 	tcase_add_loop_test(tc, test_dead_clone, 0, 2);
 	tcase_add_loop_test(tc, test_unstable_churn, 0, 2);
-	tcase_add_loop_test(tc, test_model, 0, 12);
+	tcase_add_loop_test(tc, test_model, 0, 14);
+	tcase_add_loop_test(tc, test_digest_same, 0, 2);
+	tcase_add_loop_test(tc, test_digest_scatter, 0, 2);
+	tcase_add_loop_test(tc, test_digest_fails, 0, 2);
 	tcase_add_test(tc, test_overlap);
 	tcase_add_test(tc, test_async_ops_pair);
 	tcase_add_loop_test(tc, test_scanner, 0, 2);
