@@ -1889,8 +1889,9 @@ static struct sp_merge_region *sibling(struct sp_merge *e,
 }
 
 /* Ask the backend for the digests of the n pages changed() just reported
- * (e->chg), except those a prediction will propose unread: one request
- * per chunk. On failure they are read as usual. */
+ * (e->chg), except those a prediction will propose unread and those whose
+ * sibling page waits in the unstable tree (read: they make frames): one
+ * request per chunk. On failure they are read as usual. */
 static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r,
 			 struct sp_merge_region *sib, size_t n)
 {
@@ -1903,10 +1904,16 @@ static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r,
 		return;
 	for (i = 0; i < n; i++) {
 		uint32_t page = (uint32_t)e->chg[i];
+		struct sp_item *s;
 
-		if (e->chg[i] >= r->npages ||
-		    (item_find(e, r, page) == NULL &&
-		     predict(e, r, sib_item(e, sib, page)) != NULL))
+		if (e->chg[i] >= r->npages)
+			continue;
+		s = sib_item(e, sib, page);
+		/* predicted: proposed unread. The sibling's page waits in the
+		 * unstable tree: this one most likely pairs with it in a new
+		 * frame, made from this page's bytes: read it, once. */
+		if (s != NULL && item_find(e, r, page) == NULL &&
+		    (s->state == ST_UNSTABLE || predict(e, r, s) != NULL))
 			continue;
 		e->dig_req[m++] = e->chg[i];
 		e->dig_have[i] = 1;
