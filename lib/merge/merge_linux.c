@@ -124,6 +124,7 @@ struct sp_pm_scan_arg {
  * slot (creation order) in the high 32 bits and the page in it below. */
 struct frame_file {
 	uint32_t domain;            /* (c) */
+	uint32_t slot;              /* (c) its index in files */
 	int fd;                     /* (c) the memfd, writable: ours only */
 	int fd_ro;                  /* (c) the same opened read-only: clones' */
 	uint64_t next;              /* (l) next page to hand out */
@@ -136,6 +137,8 @@ struct sp_merge_linux {
 	pthread_mutex_t flock;      /* guards files and nfiles */
 	int flock_init;             /* (c) */
 	struct frame_file **files;  /* (l) by slot */
+	struct frame_file *last;    /* (l) the file file_of found last: frames
+				       come in runs of one domain */
 	uint32_t nfiles, files_cap; /* (l) */
 	uint64_t frame_npages;      /* (c) pages of each frame file */
 	struct sp_merge_linux_opts o; /* (c) */
@@ -349,9 +352,11 @@ static struct frame_file *file_of(struct sp_merge_linux *b, uint32_t domain, int
 	struct frame_file *f;
 	char path[64];
 
+	if (b->last && b->last->domain == domain)
+		return b->last;
 	for (uint32_t i = 0; i < b->nfiles; i++)
 		if (b->files[i]->domain == domain)
-			return b->files[i];
+			return b->last = b->files[i];
 	if (b->nfiles == b->files_cap) {
 		uint32_t cap = b->files_cap ? b->files_cap * 2 : 4;
 		struct frame_file **nf = realloc(b->files, cap * sizeof(*nf));
@@ -388,8 +393,9 @@ static struct frame_file *file_of(struct sp_merge_linux *b, uint32_t domain, int
 		free(f);
 		return NULL;
 	}
+	f->slot = b->nfiles;
 	b->files[b->nfiles++] = f;
-	return f;
+	return b->last = f;
 }
 
 int sp_merge_linux_frame_file(struct sp_merge_linux *b, uint32_t domain,
@@ -401,8 +407,7 @@ int sp_merge_linux_frame_file(struct sp_merge_linux *b, uint32_t domain,
 	pthread_mutex_lock(&b->flock);
 	f = file_of(b, domain, &rc, err);
 	if (f) {
-		for (out->slot = 0; b->files[out->slot] != f; out->slot++)
-			;
+		out->slot = f->slot;
 		out->fd = f->fd_ro;
 	}
 	pthread_mutex_unlock(&b->flock);
@@ -925,7 +930,6 @@ static int op_frame_alloc(void *ctx, uint32_t domain, uint64_t hint, uint64_t *f
 	struct sp_merge_linux *b = ctx;
 	struct frame_file *f;
 	int rc = -ENOMEM;
-	uint32_t slot;
 
 	/* A file per domain: a clone holds only its own domain's, so it can
 	 * neither read nor map another tenant's frames. hint can only be
@@ -940,11 +944,8 @@ static int op_frame_alloc(void *ctx, uint32_t domain, uint64_t hint, uint64_t *f
 		f = NULL;
 		rc = -ENOSPC;
 	}
-	if (f) {
-		for (slot = 0; b->files[slot] != f; slot++)
-			;
-		*frame = (uint64_t)slot << 32 | f->next++;
-	}
+	if (f)
+		*frame = (uint64_t)f->slot << 32 | f->next++;
 	pthread_mutex_unlock(&b->flock);
 	if (!f)
 		return rc;
