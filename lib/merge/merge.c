@@ -397,6 +397,8 @@ struct sp_merge {
 	struct inflight *fl;            /* (t) ...and its batches */
 	size_t nfl;                     /* (t) */
 	uint64_t *chg;                  /* (t) scratch for ops.changed */
+	struct sp_item **cit, **csib;   /* (t) chg[i]'s item and, if it has
+					   none, its sibling's: looked up once */
 	uint64_t *dig;                  /* (t) ops.digest: digests of chg[i] */
 	uint64_t *dig_req;              /* (t) ...the pages asked for */
 	uint8_t *dig_have;              /* (t) ...1: dig[i] is chg[i]'s */
@@ -1735,14 +1737,14 @@ static struct sp_stable *predict(struct sp_merge *e, struct sp_merge_region *r,
 	}
 }
 
-/* A page of r was reported changed. sib: the region polled before r in
- * r's domain (NULL if none), whose page at the same offset predicts this
- * one's content the first time it is reported. */
+/* Page `page` of r was reported changed. it: its item, NULL the first
+ * time; s: then the item of the page at the same offset of the region
+ * polled before r in r's domain (NULL if none), which predicts this one's
+ * content; dig: its digest from ops.digest, or NULL (read it). */
 static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
-			 struct sp_merge_region *sib, uint32_t page,
+			 uint32_t page, struct sp_item *it, struct sp_item *s,
 			 const uint64_t *dig)
 {
-	struct sp_item *it = item_find(e, r, page), *s;
 	struct sp_stable *n;
 	const void *content;
 	uint32_t prev_pass = 0, prev_csum = 0;
@@ -1768,7 +1770,6 @@ static void changed_page(struct sp_merge *e, struct sp_merge_region *r,
 	 * The backend compares it with the target before it maps anything
 	 * (the merge op's contract), so a wrong guess costs one comparison
 	 * and the page is read and looked up later in this pass. */
-	s = fresh ? sib_item(e, sib, page) : NULL;
 	if ((n = predict(e, r, s)) != NULL) {
 		it->csum = (uint32_t)n->hash;
 		stat_add(e, S_PAGES_SCANNED, 1);
@@ -1892,8 +1893,7 @@ static struct sp_merge_region *sibling(struct sp_merge *e,
  * (e->chg), except those a prediction will propose unread and those whose
  * sibling page waits in the unstable tree (read: they make frames): one
  * request per chunk. On failure they are read as usual. */
-static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r,
-			 struct sp_merge_region *sib, size_t n)
+static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r, size_t n)
 {
 	size_t i, m = 0;
 	int rc;
@@ -1903,17 +1903,14 @@ static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r,
 	if (r->no_digest)
 		return;
 	for (i = 0; i < n; i++) {
-		uint32_t page = (uint32_t)e->chg[i];
-		struct sp_item *s;
+		struct sp_item *s = e->csib[i];
 
 		if (e->chg[i] >= r->npages)
 			continue;
-		s = sib_item(e, sib, page);
 		/* predicted: proposed unread. The sibling's page waits in the
 		 * unstable tree: this one most likely pairs with it in a new
 		 * frame, made from this page's bytes: read it, once. */
-		if (s != NULL && item_find(e, r, page) == NULL &&
-		    (s->state == ST_UNSTABLE || predict(e, r, s) != NULL))
+		if (s != NULL && (s->state == ST_UNSTABLE || predict(e, r, s) != NULL))
 			continue;
 		e->dig_req[m++] = e->chg[i];
 		e->dig_have[i] = 1;
@@ -1949,6 +1946,7 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 		case PH_COLLECT: {
 			struct sp_merge_region *r = next_region(e), *sib;
 			size_t cap, i;
+			bool asc;
 			int n;
 
 			if (r == NULL) {
@@ -1969,15 +1967,40 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 				e->cursor++;
 				break;
 			}
-			if (e->ops.digest != NULL)
-				digest_chunk(e, r, sib, (size_t)n);
+			/* Each page's item and sibling item, looked up once
+			 * for the chunk: processing a page makes or drops no
+			 * other page's item, and items never move; a page
+			 * named twice in a chunk (changed() should not, and
+			 * ascending order proves it does not) is looked up
+			 * when its turn comes instead. */
+			asc = true;
 			for (i = 0; i < (size_t)n; i++) {
+				uint32_t page = (uint32_t)e->chg[i];
+
+				asc = asc && (i == 0 || e->chg[i] > e->chg[i - 1]);
+				e->cit[i] = e->csib[i] = NULL;
+				if (e->chg[i] >= r->npages)
+					continue;
+				e->cit[i] = item_find(e, r, page);
+				if (e->cit[i] == NULL)
+					e->csib[i] = sib_item(e, sib, page);
+			}
+			if (e->ops.digest != NULL && asc)
+				digest_chunk(e, r, (size_t)n);
+			for (i = 0; i < (size_t)n; i++) {
+				uint32_t page = (uint32_t)e->chg[i];
+
 				if (e->chg[i] >= r->npages) {
 					stat_add(e, S_BACKEND_ERRORS, 1);
 					continue;
 				}
-				changed_page(e, r, sib, (uint32_t)e->chg[i],
-					     e->dig_have != NULL && e->dig_have[i] ?
+				if (!asc) {
+					e->cit[i] = item_find(e, r, page);
+					e->csib[i] = e->cit[i] == NULL ?
+						     sib_item(e, sib, page) : NULL;
+				}
+				changed_page(e, r, page, e->cit[i], e->csib[i],
+					     asc && e->dig_have != NULL && e->dig_have[i] ?
 					     &e->dig[i] : NULL);
 			}
 			if (n > 0)
@@ -2093,6 +2116,8 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	e->pend = calloc(PEND_MAX, sizeof(*e->pend));
 	e->reqs = calloc(PEND_MAX, sizeof(*e->reqs));
 	e->chg = calloc(CHG_CHUNK, sizeof(*e->chg));
+	e->cit = calloc(CHG_CHUNK, sizeof(*e->cit));
+	e->csib = calloc(CHG_CHUNK, sizeof(*e->csib));
 	if (ops->digest != NULL) {
 		e->dig = calloc(CHG_CHUNK, sizeof(*e->dig));
 		e->dig_req = calloc(CHG_CHUNK, sizeof(*e->dig_req));
@@ -2105,7 +2130,8 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	}
 	for (i = 0; i < NBUF; i++)
 		e->buf[i] = aligned_alloc(PAGE, PAGE);
-	if (!e->pend || !e->reqs || !e->chg || !e->buf[0] || !e->buf[1] ||
+	if (!e->pend || !e->reqs || !e->chg || !e->cit || !e->csib ||
+	    !e->buf[0] || !e->buf[1] ||
 	    !e->buf[2] || !e->buf[3] ||
 	    (e->async && (!e->fl_pend || !e->fl_reqs || !e->fl)) ||
 	    (ops->digest != NULL && (!e->dig || !e->dig_req || !e->dig_have))) {
@@ -2116,7 +2142,8 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 		    (int64_t)(sizeof(*e) + PEND_MAX * (sizeof(*e->pend) +
 		    sizeof(*e->reqs)) * (e->async ? 2 : 1) +
 		    (e->async ? PEND_MAX * sizeof(*e->fl) : 0) +
-		    CHG_CHUNK * sizeof(*e->chg) + NBUF * PAGE +
+		    CHG_CHUNK * (sizeof(*e->chg) + sizeof(*e->cit) +
+				 sizeof(*e->csib)) + NBUF * PAGE +
 		    (ops->digest != NULL ? CHG_CHUNK * (2 * sizeof(*e->dig) +
 						      sizeof(*e->dig_have)) : 0)));
 	*out = e;
@@ -2184,6 +2211,8 @@ void sp_merge_destroy(struct sp_merge *e)
 	free(e->fl_reqs);
 	free(e->fl);
 	free(e->chg);
+	free(e->cit);
+	free(e->csib);
 	free(e->dig);
 	free(e->dig_req);
 	free(e->dig_have);

@@ -159,7 +159,21 @@ static struct {
 	bool on;
 	int fail;
 	unsigned calls;
+	bool reverse;   /* changed() reports pages in descending order */
 } dig;
+
+static int changed_reversed(void *ctx, void *region, uint64_t *pages, size_t cap)
+{
+	int n = sp_merge_mem_ops()->changed(ctx, region, pages, cap);
+
+	for (int i = 0, j = n - 1; i < j; i++, j--) {
+		uint64_t t = pages[i];
+
+		pages[i] = pages[j];
+		pages[j] = t;
+	}
+	return n;
+}
 
 static int dig_fail(void *ctx, void *region, const uint64_t *pages, size_t n,
 		    uint64_t *out)
@@ -203,6 +217,8 @@ static void world_init(struct world *w, int nvm, uint64_t npages,
 
 		if (dig.fail)
 			ops.digest = dig_fail;
+		if (dig.reverse)
+			ops.changed = changed_reversed;
 		if (as.on) {
 			ops.merge_submit = as_submit;
 			ops.merge_wait = as_wait;
@@ -1213,9 +1229,11 @@ static void model_run(uint64_t seed, int steps)
 
 START_TEST(test_model)
 {
-	/* 0-5 sync, 6-11 async, 12-13 with digests (sync, async) */
+	/* 0-5 sync, 6-11 async, 12-13 with digests (sync, async), 14 with
+	 * digests and changed() in descending order (no cached lookups) */
 	as.on = (_i >= 6 && _i < 12) || _i == 13;
 	dig.on = _i >= 12;
+	dig.reverse = _i == 14;
 	model_run((uint64_t)(_i % 6) + 1, 1500);
 }
 END_TEST
@@ -1479,7 +1497,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, test_knobs_documented);
 	tcase_add_loop_test(tc, test_dead_clone, 0, 2);
 	tcase_add_loop_test(tc, test_unstable_churn, 0, 2);
-	tcase_add_loop_test(tc, test_model, 0, 14);
+	tcase_add_loop_test(tc, test_model, 0, 15);
 	tcase_add_loop_test(tc, test_digest_same, 0, 2);
 	tcase_add_loop_test(tc, test_digest_scatter, 0, 2);
 	tcase_add_loop_test(tc, test_digest_fails, 0, 2);
