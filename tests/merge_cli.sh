@@ -44,6 +44,10 @@ expect_exit 0 "ctl set merge.sleep_ms 5" "$SP" ctl -s "$sock" set merge.sleep_ms
 [ "$("$SP" ctl -s "$sock" get merge.sleep_ms)" = 5 ] && ok "knob reads back" || fail "knob did not change"
 expect_exit 64 "max_page_sharing refused while frames are merged" "$SP" ctl -s "$sock" set merge.max_page_sharing 100
 grep -qi 'busy\|merged' "$tmp/err" && ok "refusal says why" || fail "refusal message: $(cat "$tmp/err")"
+expect_exit 64 "merge_across_domains refused once clones hold their frame files" \
+	"$SP" ctl -s "$sock" set merge.merge_across_domains 1
+grep -q 'merge-knob' "$tmp/err" && ok "refusal names --merge-knob" || fail "refusal message: $(cat "$tmp/err")"
+[ "$("$SP" ctl -s "$sock" get merge.merge_across_domains)" = 0 ] && ok "knob unchanged" || fail "knob changed"
 expect_exit 0 "ctl stats --json" "$SP" ctl -s "$sock" stats --json
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["stats.merge.pages_sharing"] > 0 and "stats.backend.frames_live" in d' "$tmp/out" \
 	&& ok "stats --json parses" || fail "stats --json: $(head -c 300 "$tmp/out")"

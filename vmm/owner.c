@@ -288,7 +288,19 @@ static void serve(int cfd, struct sp_merge *eng, struct sp_merge_linux *b)
 			putf(cfd, "ok\n%s %lld\n", name, (long long)val);
 	} else if (sscanf(req, "set %255s %lld", name, &v) == 2) {
 		struct sp_error err = { 0 };
-		int rc = sp_merge_ctl_set(eng, name, (int64_t)v, &err);
+		int rc;
+
+		/* Each clone was given its domain's frame file (or, merging
+		 * across domains, the shared one) and keeps it: the knob
+		 * cannot change under them. */
+		if (!strcmp(name, "merge.merge_across_domains") &&
+		    sp_merge_ctl_get(eng, name, &val) == 0 && val != v)
+			rc = sp_error_set(&err, -EBUSY,
+					  "%s: fixed once the clones hold their frame files; "
+					  "set it at start (fanout --merge-knob %s=%lld)",
+					  name, name, v);
+		else
+			rc = sp_merge_ctl_set(eng, name, (int64_t)v, &err);
 		if (rc)
 			putf(cfd, "error %d %s\n", -rc, err.msg[0] ? err.msg : strerror(-rc));
 		else
