@@ -112,16 +112,14 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 	if (m->type == SP_MERGE_MSG_DIGEST) {
 		/* hash the pages asked for (the owner then reads only those it
 		 * copies into frames); always answer, so the owner never hangs */
+		static uint64_t pg[SP_MERGE_MSG_MAX_REQS];   /* one clone thread */
 		int rc = -EPROTO;
-		uint64_t *pg = NULL;
 
 		if ((size_t)n >= hdr && m->n <= SP_MERGE_MSG_MAX_REQS &&
 		    (size_t)n == hdr + m->n * sizeof(m->reqs[0]))
 			rc = *ap ? 0 : -ENODEV;
 		else
 			m->n = 0;
-		if (rc == 0 && !(pg = malloc(m->n * sizeof(*pg) + 1)))
-			rc = -ENOMEM;
 		if (rc == 0) {
 			for (uint32_t i = 0; i < m->n; i++)
 				pg[i] = m->reqs[i].page;
@@ -131,7 +129,6 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 			m->reqs[i].target = rc == 0 ? pg[i] : 0;
 			m->reqs[i].result = rc;
 		}
-		free(pg);
 		n = (ssize_t)(hdr + m->n * sizeof(m->reqs[0]));
 		return send(sock, m, (size_t)n, MSG_NOSIGNAL) == n ? 0 : -1;
 	}
