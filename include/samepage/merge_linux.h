@@ -123,6 +123,9 @@ struct sp_merge_linux_stats {
 	uint64_t pages_revisited;  /* of which revisits */
 	uint64_t pages_digested;   /* pages the clones hashed for the owner */
 	uint64_t pages_read;       /* pages the owner read (read_page) */
+	uint64_t frame_write_errors; /* staged frame runs that could not be
+				      written (the clones then refuse every
+				      merge onto them) */
 	uint64_t merge_batches;    /* batches shipped */
 	uint64_t merge_ns;         /* time the engine spent in the transport
 				      (apply, or send + recv: blocked time) */
@@ -158,6 +161,13 @@ struct sp_merge_linux_frame_file {
 };
 int sp_merge_linux_frame_file(struct sp_merge_linux *b, uint32_t domain,
 			      struct sp_merge_linux_frame_file *out, struct sp_error *err);
+
+/* frame_write stages frames that follow each other in a file and writes a
+ * run of them with one pwrite; the backend writes what is staged before
+ * its own merge, merge_submit, read_frame and frame_free. Anything else
+ * that reads a frame file (a clone's applier called directly, a tool)
+ * calls this first. Engine thread (or under the engine's lock). */
+void sp_merge_linux_frames_flush(struct sp_merge_linux *b);
 
 /* Map a template (fd at offset_bytes, npages long, page-aligned) read-only
  * for read_template. The returned pointer is the handle to put in

@@ -118,6 +118,10 @@ struct sp_pm_scan_arg {
  * are read RA_WIN at a time with one process_vm_readv each. */
 #define RA_LIST 1024
 #define RA_WIN 64
+/* Frames written one after the other into adjacent pages of one file are
+ * staged and written with one pwrite, at most this many (see
+ * op_frame_write). */
+#define STAGE_PAGES 64
 
 /* One frame file per merge domain (the domain frame_alloc names: 0 for
  * all when merge_across_domains is set). A frame number is the file's
@@ -153,13 +157,17 @@ struct sp_merge_linux {
 	size_t ra_at, ra_len;       /* (e) ra_buf holds ra_list[ra_at, +ra_len) */
 	uint8_t *ra_buf;            /* (e) RA_WIN pages of read-ahead content */
 	uint8_t ra_used[RA_WIN];    /* (e) slot already served once */
+	uint8_t *stage;             /* (e) STAGE_PAGES pages of frame content... */
+	struct frame_file *stage_f; /* (e) ...for this file... */
+	uint64_t stage_at;          /* (e) ...from this page on... */
+	size_t stage_n;             /* (e) ...this many; 0: none staged */
 	size_t ra_win;              /* (e) pages a fill reads: 1..RA_WIN, halved
 				       when a window was mostly not read (the
 				       clones hash, the owner reads only frame
 				       sources), doubled when it all was */
 	_Atomic uint64_t frames_live, frames_retired, scans, scans_skipped, scan_ns,
 		pages_reported, pages_revisited, merge_batches, merge_ns,
-		pages_digested, pages_read; /* (a) */
+		pages_digested, pages_read, frame_write_errors; /* (a) */
 	_Atomic int nregions;       /* (a) */
 };
 
@@ -310,9 +318,10 @@ int sp_merge_linux_create(const struct sp_merge_linux_opts *opts,
 	b->pm = calloc(PM_CHUNK, sizeof(*b->pm));
 	b->ra_list = calloc(RA_LIST, sizeof(*b->ra_list));
 	b->ra_buf = aligned_alloc(PAGE, (size_t)RA_WIN * PAGE);
+	b->stage = aligned_alloc(PAGE, (size_t)STAGE_PAGES * PAGE);
 	b->ra_ok = 1;
 	b->ra_win = RA_WIN;
-	if (!b->vec || !b->pm || !b->ra_list || !b->ra_buf) {
+	if (!b->vec || !b->pm || !b->ra_list || !b->ra_buf || !b->stage) {
 		rc = sp_error_set(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
@@ -341,6 +350,7 @@ void sp_merge_linux_destroy(struct sp_merge_linux *b)
 	free(b->pm);
 	free(b->ra_list);
 	free(b->ra_buf);
+	free(b->stage);
 	free(b);
 }
 
@@ -446,6 +456,7 @@ void sp_merge_linux_stats_get(struct sp_merge_linux *b, struct sp_merge_linux_st
 	st->pages_revisited = atomic_load(&b->pages_revisited);
 	st->pages_digested = atomic_load(&b->pages_digested);
 	st->pages_read = atomic_load(&b->pages_read);
+	st->frame_write_errors = atomic_load(&b->frame_write_errors);
 	st->merge_batches = atomic_load(&b->merge_batches);
 	st->merge_ns = atomic_load(&b->merge_ns);
 	st->scan_ioctl = b->scan_ioctl;
@@ -900,6 +911,42 @@ static int op_read_template(void *ctx, void *tmpl, uint64_t page, void *buf, con
 	return 0;
 }
 
+/* Write n pages of src to page `at` of f on. */
+static int write_pages(struct frame_file *f, uint64_t at, const uint8_t *src, size_t n)
+{
+	size_t len = n * PAGE, done = 0;
+
+	while (done < len) {
+		ssize_t w = pwrite(f->fd, src + done, len - done, (off_t)(at * PAGE + done));
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return w < 0 ? -errno : -EIO;
+		done += (size_t)w;
+	}
+	return 0;
+}
+
+/* Write the staged frames out. Before anything that reads a frame file
+ * (a merge: the clone compares with the frame; read_frame) or frees a
+ * frame. A frame that cannot be written holds zeros, or part of its
+ * bytes: the clones compare every page with its frame before they map
+ * it, so a merge onto it is refused unless the page holds those bytes. */
+static void stage_flush(struct sp_merge_linux *b)
+{
+	if (b->stage_n == 0)
+		return;
+	if (write_pages(b->stage_f, b->stage_at, b->stage, b->stage_n))
+		atomic_fetch_add(&b->frame_write_errors, 1);
+	b->stage_n = 0;
+}
+
+void sp_merge_linux_frames_flush(struct sp_merge_linux *b)
+{
+	stage_flush(b);
+}
+
 /* Frames are read only to compare bytes (a lookup that verifies, the
  * checker), which is rare: a pread, so that the owner needs no view of
  * every domain's file. */
@@ -910,6 +957,7 @@ static int op_read_frame(void *ctx, uint64_t frame, void *buf, const void **out)
 
 	if (!f)
 		return -EINVAL;
+	stage_flush(ctx);
 	while (done < PAGE) {
 		ssize_t n = pread(f->fd, (uint8_t *)buf + done, PAGE - done,
 				  (off_t)(FRAME_PAGE(frame) * PAGE + done));
@@ -953,22 +1001,27 @@ static int op_frame_alloc(void *ctx, uint32_t domain, uint64_t hint, uint64_t *f
 	return 0;
 }
 
+/* Frames come in runs of adjacent pages of one file (a run of equal pages
+ * at equal offsets, and frame numbers are handed out in order): staged,
+ * a run is one pwrite instead of one a page, each of which costs a system
+ * call and a page-cache lookup (docs/merge-linux.md). */
 static int op_frame_write(void *ctx, uint64_t frame, const void *src)
 {
-	struct frame_file *f = file_at(ctx, frame);
-	size_t done = 0;
+	struct sp_merge_linux *b = ctx;
+	struct frame_file *f = file_at(b, frame);
+	uint64_t at = FRAME_PAGE(frame);
 
 	if (!f)
 		return -EINVAL;
-	while (done < PAGE) {
-		ssize_t n = pwrite(f->fd, (const uint8_t *)src + done, PAGE - done,
-				   (off_t)(FRAME_PAGE(frame) * PAGE + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		done += (size_t)n;
+	if (b->stage_n && (f != b->stage_f || at != b->stage_at + b->stage_n ||
+			   b->stage_n == STAGE_PAGES))
+		stage_flush(b);
+	if (b->stage_n == 0) {
+		b->stage_f = f;
+		b->stage_at = at;
 	}
+	memcpy(b->stage + b->stage_n * PAGE, src, PAGE);
+	b->stage_n++;
 	return 0;
 }
 
@@ -979,6 +1032,7 @@ static void op_frame_free(void *ctx, uint64_t frame)
 
 	if (!f)
 		return;
+	stage_flush(b);
 	/* Pages still mapped from the frame are unmapped by the punch (the
 	 * engine says none is); private copies made from it are not touched. */
 	fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -1023,6 +1077,7 @@ static int op_merge(void *ctx, void *region, struct sp_merge_req *reqs, size_t n
 	uint64_t t0 = now_ns();
 	int rc;
 
+	stage_flush(b);
 	if (is_dead(r))
 		return -ESRCH;
 	rc = r->apply(r->tctx, reqs, n);
@@ -1037,7 +1092,7 @@ static int op_merge_submit(void *ctx, void *region, struct sp_merge_req *reqs, s
 	uint64_t t0 = now_ns();
 	int rc;
 
-	(void)ctx;
+	stage_flush(ctx);
 	if (is_dead(r))
 		return -ESRCH;
 	if (!r->send) {

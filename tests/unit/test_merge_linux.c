@@ -445,7 +445,9 @@ static int maps_count(pid_t pid)
 }
 
 /* Allocate and fill n consecutive frames with seeds seed.., return first. */
-static uint64_t frames_new(uint32_t n, uint64_t seed)
+/* n adjacent frames of domain 0 with content seed.. : written with
+ * frame_write, which stages them (see frames_staged below) */
+static uint64_t frames_staged(uint32_t n, uint64_t seed)
 {
 	uint8_t p[PAGE];
 	uint64_t first = 0, f;
@@ -458,6 +460,17 @@ static uint64_t frames_new(uint32_t n, uint64_t seed)
 		fill(p, seed + i);
 		ck_assert_int_eq(ops->frame_write(be, f, p), 0);
 	}
+	return first;
+}
+
+/* The same, written out: the tests below hand them to a clone's applier
+ * directly, not through the backend's merge op (which writes them out
+ * itself) */
+static uint64_t frames_new(uint32_t n, uint64_t seed)
+{
+	uint64_t first = frames_staged(n, seed);
+
+	sp_merge_linux_frames_flush(be);
 	return first;
 }
 
@@ -945,8 +958,9 @@ static void changed_exactly_once(unsigned flags)
 	ck_assert_int_eq(ops->read_page(be, r, 7, buf, &out), 0);
 	ck_assert_mem_eq(out, k->model + 7 * PAGE, PAGE);
 
-	/* pages merged by merge() are not reported because of the merge */
-	f = frames_new(1, 9);
+	/* pages merged by merge() are not reported because of the merge
+	 * (the frame only staged: merge writes it out first) */
+	f = frames_staged(1, 9);
 	req_set(&q[0], 100, SP_MERGE_FRAME, f);
 	req_set(&q[1], 101, SP_MERGE_FRAME, f);
 	ck_assert_int_eq(ops->merge(be, r, q, 2), 0);
@@ -1115,6 +1129,56 @@ START_TEST(frames_monotonic_and_returned)
 	/* numbers that name no frame are refused */
 	ck_assert_int_eq(ops->read_frame(be, (uint64_t)7 << 32, p, &out), -EINVAL);
 	ck_assert_int_eq(ops->frame_write(be, (uint64_t)slot[1] << 32 | n[1], p), -EINVAL);
+}
+END_TEST
+
+/* Frames written one after the other into one file are staged and written
+ * out in runs of up to 64, one pwrite each: when the run ends or fills, and
+ * before a merge, read_frame, frame_free or an explicit flush. Until then
+ * the file does not hold them. */
+START_TEST(frames_staged_in_runs)
+{
+	struct sp_merge_linux_stats st;
+	uint8_t p[PAGE], got[PAGE], zero[PAGE] = { 0 };
+	int fd = frame_fd_of(0, NULL);
+	uint64_t f = frames_staged(70, 777), g, pg = f & 0xffffffffull;
+	const void *out;
+
+	/* the 65th frame sent the first 64 out; the other 6 wait */
+	for (uint64_t i = 0; i < 70; i++) {
+		ck_assert_int_eq(pread(fd, got, PAGE, (off_t)((pg + i) * PAGE)), PAGE);
+		fill(p, 777 + i);
+		ck_assert_mem_eq(got, i < 64 ? p : zero, PAGE);
+	}
+	/* read_frame writes them out first */
+	ck_assert_int_eq(ops->read_frame(be, f + 66, got, &out), 0);
+	fill(p, 777 + 66);
+	ck_assert_mem_eq(out, p, PAGE);
+	for (uint64_t i = 64; i < 70; i++) {
+		ck_assert_int_eq(pread(fd, got, PAGE, (off_t)((pg + i) * PAGE)), PAGE);
+		fill(p, 777 + i);
+		ck_assert_mem_eq(got, p, PAGE);
+	}
+	/* freeing a staged frame: the run is written out, then the freed
+	 * frame's page punched out; the others keep their bytes */
+	g = frames_staged(3, 900);
+	ops->frame_free(be, g + 1);
+	for (uint64_t i = 0; i < 3; i++) {
+		ck_assert_int_eq(pread(fd, got, PAGE, (off_t)(((g & 0xffffffffull) + i) * PAGE)),
+				 PAGE);
+		fill(p, 900 + i);
+		ck_assert_mem_eq(got, i == 1 ? zero : p, PAGE);
+	}
+	/* an explicit flush */
+	g = frames_staged(2, 950);
+	ck_assert_int_eq(pread(fd, got, PAGE, (off_t)((g & 0xffffffffull) * PAGE)), PAGE);
+	ck_assert_mem_eq(got, zero, PAGE);
+	sp_merge_linux_frames_flush(be);
+	ck_assert_int_eq(pread(fd, got, PAGE, (off_t)((g & 0xffffffffull) * PAGE)), PAGE);
+	fill(p, 950);
+	ck_assert_mem_eq(got, p, PAGE);
+	sp_merge_linux_stats_get(be, &st);
+	ck_assert_uint_eq(st.frame_write_errors, 0);
 }
 END_TEST
 
@@ -1295,6 +1359,7 @@ int main(void)
 	tcase_add_test(tc, dead_child_is_esrch);
 	tcase_add_test(tc, read_ahead);
 	tcase_add_test(tc, frames_monotonic_and_returned);
+	tcase_add_test(tc, frames_staged_in_runs);
 	tcase_add_test(tc, template_reads);
 	tcase_add_loop_test(tc, engine_converges, 0, 2);
 	TCase *own = tcase_create("owner");
