@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -64,7 +65,8 @@ static int recv_msg(int fd, struct msg *m)
 	return n == (ssize_t)sizeof(*m) ? 0 : -EIO;
 }
 
-/* Receive one message on a clone's merge socket, with an fd if sent. */
+/* Receive one message on a clone's merge socket, with an fd if sent;
+ * without waiting (the doorbell said something was sent). */
 static ssize_t recv_merge(int sock, struct sp_merge_msg *m, int *fd)
 {
 	char cbuf[CMSG_SPACE(sizeof(int))];
@@ -76,7 +78,7 @@ static ssize_t recv_merge(int sock, struct sp_merge_msg *m, int *fd)
 
 	*fd = -1;
 	do
-		n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+		n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
 	while (n < 0 && errno == EINTR);
 	for (c = CMSG_FIRSTHDR(&mh); n > 0 && c; c = CMSG_NXTHDR(&mh, c))
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
@@ -95,6 +97,8 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 	ssize_t n = recv_merge(sock, m, &fd);
 	size_t hdr = offsetof(struct sp_merge_msg, reqs);
 
+	if (n < 0 && errno == EAGAIN)
+		return 1;   /* nothing (more) sent */
 	if (n <= 0)
 		return -1;
 	if (m->type == SP_MERGE_MSG_HELLO && fd >= 0 && !*ap) {
@@ -154,7 +158,7 @@ static int clone_merge(const struct sp_fanout *f, int sock, void *ram,
 
 /* The clone process: restore, report, then serve the owner's commands. */
 static void __attribute__((noreturn))
-clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock)
+clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock, int bell)
 {
 	struct sp_probe p;
 	struct sp_error err = { 0 };
@@ -181,17 +185,31 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock)
 		_exit(1);
 	for (;;) {
 		struct msg in, out = { 0 };
-		struct pollfd pf[2] = { { .fd = sock, .events = POLLIN },
-					{ .fd = msock, .events = POLLIN } };
+		/* The owner rings the doorbell after each message it sends
+		 * on the merge socket, which is watched only for a hangup: an
+		 * eventfd's wakeup is not a synchronous one (a socket's is),
+		 * so the scheduler runs this clone on an idle core instead of
+		 * the owner's (measured in docs/merge-linux.md). */
+		struct pollfd pf[3] = { { .fd = sock, .events = POLLIN },
+					{ .fd = bell, .events = POLLIN },
+					{ .fd = msock, .events = POLLRDHUP } };
 		uint64_t bad = 0, t1, kind = f->o.kind, bp = f->o.bp;
 
-		if (poll(pf, msock >= 0 ? 2 : 1, -1) < 0) {
+		if (poll(pf, msock >= 0 ? 3 : 1, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
 		}
-		if (msock >= 0 && pf[1].revents) {
-			if (clone_merge(f, msock, ram, &applier, mm) < 0) {
+		if (msock >= 0 && (pf[1].revents || pf[2].revents)) {
+			uint64_t rings;
+			int r;
+
+			/* read the bell first: a message sent after the drain
+			 * below rings it again */
+			(void)!read(bell, &rings, sizeof(rings));
+			while ((r = clone_merge(f, msock, ram, &applier, mm)) == 0)
+				;
+			if (r < 0) {
 				close(msock);
 				msock = -1;
 			}
@@ -233,7 +251,7 @@ clone_main(const struct sp_fanout *f, uint32_t idx, int sock, int msock)
 
 static int spawn(struct sp_fanout *f, uint32_t idx, struct sp_error *err)
 {
-	int sv[2], mv[2] = { -1, -1 };
+	int sv[2], mv[2] = { -1, -1 }, bell = -1;
 	pid_t pid;
 
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
@@ -244,6 +262,14 @@ static int spawn(struct sp_fanout *f, uint32_t idx, struct sp_error *err)
 		close(sv[1]);
 		return sp_error_set(err, -e, "socketpair: %s", strerror(e));
 	}
+	if (f->o.merge && (bell = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
+		int e = errno;
+		close(sv[0]);
+		close(sv[1]);
+		close(mv[0]);
+		close(mv[1]);
+		return sp_error_set(err, -e, "eventfd: %s", strerror(e));
+	}
 	pid = fork();
 	if (pid < 0) {
 		int e = errno;
@@ -252,6 +278,7 @@ static int spawn(struct sp_fanout *f, uint32_t idx, struct sp_error *err)
 		if (mv[0] >= 0) {
 			close(mv[0]);
 			close(mv[1]);
+			close(bell);
 		}
 		return sp_error_set(err, -e, "fork clone %u: %s", idx, strerror(e));
 	}
@@ -264,16 +291,19 @@ static int spawn(struct sp_fanout *f, uint32_t idx, struct sp_error *err)
 				close(f->clone[i].sock);
 			if (f->clone[i].msock >= 0)
 				close(f->clone[i].msock);
+			if (f->clone[i].mbell >= 0)
+				close(f->clone[i].mbell);
 		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		/* a terminal's ^C reaches the whole group: the owner decides */
 		signal(SIGINT, SIG_IGN);
-		clone_main(f, idx, sv[1], mv[1]);
+		clone_main(f, idx, sv[1], mv[1], bell);
 	}
 	close(sv[1]);
 	if (mv[1] >= 0)
 		close(mv[1]);
-	f->clone[idx] = (struct sp_clone){ .pid = pid, .sock = sv[0], .msock = mv[0], .alive = 1 };
+	f->clone[idx] = (struct sp_clone){ .pid = pid, .sock = sv[0], .msock = mv[0],
+					   .mbell = bell, .alive = 1 };
 	f->nclones = idx + 1;
 	return 0;
 }
@@ -494,7 +524,7 @@ static int owner_start(struct sp_fanout *f, struct sp_error *err)
 	}
 	for (uint32_t i = 0; i < f->nclones; i++)
 		oc[i] = (struct sp_owner_clone){ .pid = f->clone[i].pid, .sock = f->clone[i].msock,
-						 .ram_addr = f->clone[i].ram_addr,
+						 .bell = f->clone[i].mbell, .ram_addr = f->clone[i].ram_addr,
 						 .domain = i % (f->o.domains ? f->o.domains : 1) };
 	pid = fork();
 	if (pid < 0) {
@@ -523,7 +553,8 @@ static int owner_start(struct sp_fanout *f, struct sp_error *err)
 	close(pfd[1]);
 	for (uint32_t i = 0; i < f->nclones; i++) {
 		close(f->clone[i].msock);
-		f->clone[i].msock = -1;
+		close(f->clone[i].mbell);
+		f->clone[i].msock = f->clone[i].mbell = -1;
 	}
 	f->owner_pid = pid;
 	if (read(pfd[0], &c, 1) != 1) {
@@ -641,9 +672,10 @@ int sp_fanout_start(struct sp_fanout *f, const struct sp_fanout_opts *o,
 	if (!f->clone)
 		return sp_error_set(err, -ENOMEM, "out of memory for %u clones", o->clones);
 	for (uint32_t i = 0; i < o->clones; i++)
-		f->clone[i].sock = f->clone[i].msock = -1;
-	/* one socket per clone in the owner */
-	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < o->clones + 64ull) {
+		f->clone[i].sock = f->clone[i].msock = f->clone[i].mbell = -1;
+	/* three descriptors per clone here (control socket, merge socket,
+	 * doorbell) until the owner takes the last two */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < 3ull * o->clones + 64) {
 		rl.rlim_cur = rl.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}
@@ -765,7 +797,9 @@ void sp_fanout_stop(struct sp_fanout *f)
 			close(f->clone[i].sock);
 		if (f->clone[i].msock >= 0)
 			close(f->clone[i].msock);
-		f->clone[i].sock = f->clone[i].msock = -1;
+		if (f->clone[i].mbell >= 0)
+			close(f->clone[i].mbell);
+		f->clone[i].sock = f->clone[i].msock = f->clone[i].mbell = -1;
 	}
 	for (uint32_t i = 0; i < f->nclones; i++) {
 		if (f->clone[i].alive) {

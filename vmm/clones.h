@@ -40,6 +40,7 @@ struct sp_clone {
 	pid_t pid;
 	int sock;               /* runner's end of the control socket */
 	int msock;              /* runner's end of the merge socket (-1) */
+	int mbell;              /* the merge socket's doorbell, an eventfd (-1) */
 	uint64_t ram_addr;      /* guest RAM in the clone's address space */
 	uint64_t restore_ns;    /* restore call to the guest's first exit */
 	uint64_t workload_ns;

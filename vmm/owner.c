@@ -32,12 +32,23 @@ static void on_stop(int sig)
 
 struct transport {
 	int sock;
+	int bell;                  /* the clone's doorbell (an eventfd) */
 	size_t sent;               /* (s) requests of the batch in flight shipped */
 	struct sp_merge_msg msg;   /* (s) engine thread only: one batch in flight */
 	struct sp_merge_msg *kept; /* (s) the batch's answer, if it came while
 				      ship_digest waited for its own */
 	ssize_t kept_len;          /* (s) its length; 0: none kept */
 };
+
+/* Tell the clone a message is waiting. The clone sleeps on this eventfd,
+ * not on the socket: a socket wakes its reader "synchronously", which puts
+ * the clone on the owner's core while the other core may idle. */
+static void ring(const struct transport *t)
+{
+	uint64_t one = 1;
+
+	(void)!write(t->bell, &one, sizeof(one));
+}
 
 /* Requests in the message that carries reqs[done...] of a batch of n. */
 static size_t chunk(size_t n, size_t done)
@@ -70,6 +81,7 @@ static int ship_send(void *ctx, const struct sp_merge_req *reqs, size_t n)
 			break;   /* the rest stays unapplied */
 		t->sent += k;
 	}
+	ring(t);
 	return t->sent ? 0 : -EPIPE;
 }
 
@@ -135,6 +147,7 @@ static int ship_digest(void *ctx, const uint64_t *pages, size_t n, uint64_t *out
 	do
 		r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
 	while (r < 0 && errno == EINTR);
+	ring(t);
 	if (r != (ssize_t)bytes)
 		return -EPIPE;
 	for (;;) {
@@ -170,7 +183,7 @@ static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
 
 /* Hand a clone its domain's frame file (it maps frames from it) and the
  * file's slot (in n). */
-static void hello(int sock, int frame_fd, uint32_t slot)
+static void hello(const struct transport *t, int frame_fd, uint32_t slot)
 {
 	struct sp_merge_msg m = { .type = SP_MERGE_MSG_HELLO, .n = slot };
 	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
@@ -183,7 +196,8 @@ static void hello(int sock, int frame_fd, uint32_t slot)
 	c->cmsg_type = SCM_RIGHTS;
 	c->cmsg_len = CMSG_LEN(sizeof(int));
 	memcpy(CMSG_DATA(c), &frame_fd, sizeof(int));
-	(void)sendmsg(sock, &mh, MSG_NOSIGNAL);
+	(void)sendmsg(t->sock, &mh, MSG_NOSIGNAL);
+	ring(t);
 }
 
 static int listen_on(const char *path, struct sp_error *err)
@@ -239,53 +253,40 @@ static void putf(int fd, const char *fmt, ...)
 	put(fd, line);
 }
 
-static void backend_stats(int fd, struct sp_merge_linux *b)
+static void backend_stats(FILE *o, struct sp_merge_linux *b)
 {
 	struct sp_merge_linux_stats st;
 
 	sp_merge_linux_stats_get(b, &st);
-	putf(fd, "stats.backend.frames_live %llu\n", (unsigned long long)st.frames_live);
-	putf(fd, "stats.backend.frames_retired %llu\n", (unsigned long long)st.frames_retired);
-	putf(fd, "stats.backend.frame_file_bytes %llu\n", (unsigned long long)st.frame_file_bytes);
-	putf(fd, "stats.backend.frame_files %llu\n", (unsigned long long)st.frame_files);
-	putf(fd, "stats.backend.scans %llu\n", (unsigned long long)st.scans);
-	putf(fd, "stats.backend.scans_skipped %llu\n", (unsigned long long)st.scans_skipped);
-	putf(fd, "stats.backend.scan_ns %llu\n", (unsigned long long)st.scan_ns);
-	putf(fd, "stats.backend.pages_reported %llu\n", (unsigned long long)st.pages_reported);
-	putf(fd, "stats.backend.pages_digested %llu\n", (unsigned long long)st.pages_digested);
-	putf(fd, "stats.backend.pages_read %llu\n", (unsigned long long)st.pages_read);
-	putf(fd, "stats.backend.merge_batches %llu\n", (unsigned long long)st.merge_batches);
-	putf(fd, "stats.backend.merge_ns %llu\n", (unsigned long long)st.merge_ns);
+	fprintf(o, "stats.backend.frames_live %llu\n", (unsigned long long)st.frames_live);
+	fprintf(o, "stats.backend.frames_retired %llu\n", (unsigned long long)st.frames_retired);
+	fprintf(o, "stats.backend.frame_file_bytes %llu\n", (unsigned long long)st.frame_file_bytes);
+	fprintf(o, "stats.backend.frame_files %llu\n", (unsigned long long)st.frame_files);
+	fprintf(o, "stats.backend.scans %llu\n", (unsigned long long)st.scans);
+	fprintf(o, "stats.backend.scans_skipped %llu\n", (unsigned long long)st.scans_skipped);
+	fprintf(o, "stats.backend.scan_ns %llu\n", (unsigned long long)st.scan_ns);
+	fprintf(o, "stats.backend.pages_reported %llu\n", (unsigned long long)st.pages_reported);
+	fprintf(o, "stats.backend.pages_digested %llu\n", (unsigned long long)st.pages_digested);
+	fprintf(o, "stats.backend.pages_read %llu\n", (unsigned long long)st.pages_read);
+	fprintf(o, "stats.backend.frame_write_errors %llu\n",
+		(unsigned long long)st.frame_write_errors);
+	fprintf(o, "stats.backend.merge_batches %llu\n", (unsigned long long)st.merge_batches);
+	fprintf(o, "stats.backend.merge_ns %llu\n", (unsigned long long)st.merge_ns);
 }
 
-/* Serve one control connection. */
-static void serve(int cfd, struct sp_merge *eng, struct sp_merge_linux *b)
+/* Answer one request into o. */
+static void answer(FILE *o, char *req, struct sp_merge *eng, struct sp_merge_linux *b)
 {
-	char req[512], name[256];
-	size_t got = 0;
+	char name[256];
 	long long v;
 	int64_t val;
 
-	while (got < sizeof(req) - 1) {
-		struct pollfd p = { .fd = cfd, .events = POLLIN };
-		ssize_t r;
-		if (poll(&p, 1, 1000) <= 0)
-			break;
-		r = read(cfd, req + got, sizeof(req) - 1 - got);
-		if (r <= 0)
-			break;
-		got += (size_t)r;
-		if (memchr(req, '\n', got))
-			break;
-	}
-	req[got] = '\0';
-	req[strcspn(req, "\r\n")] = '\0';
 	if (sscanf(req, "get %255s", name) == 1) {
 		int rc = sp_merge_ctl_get(eng, name, &val);
 		if (rc)
-			putf(cfd, "error %d unknown name '%s' (see 'samepage ctl list')\n", -rc, name);
+			fprintf(o, "error %d unknown name '%s' (see 'samepage ctl list')\n", -rc, name);
 		else
-			putf(cfd, "ok\n%s %lld\n", name, (long long)val);
+			fprintf(o, "ok\n%s %lld\n", name, (long long)val);
 	} else if (sscanf(req, "set %255s %lld", name, &v) == 2) {
 		struct sp_error err = { 0 };
 		int rc;
@@ -302,26 +303,63 @@ static void serve(int cfd, struct sp_merge *eng, struct sp_merge_linux *b)
 		else
 			rc = sp_merge_ctl_set(eng, name, (int64_t)v, &err);
 		if (rc)
-			putf(cfd, "error %d %s\n", -rc, err.msg[0] ? err.msg : strerror(-rc));
+			fprintf(o, "error %d %s\n", -rc, err.msg[0] ? err.msg : strerror(-rc));
 		else
-			putf(cfd, "ok\n");
+			fprintf(o, "ok\n");
 	} else if (!strcmp(req, "stats") || !strcmp(req, "list")) {
 		size_t n;
 		const struct sp_merge_ctl_info *in = sp_merge_ctl_list(&n);
-		put(cfd, "ok\n");
+		fputs("ok\n", o);
 		for (size_t i = 0; i < n; i++) {
 			if (req[0] == 'l') {
-				putf(cfd, "%s\t%s\t%lld\t%lld\t%s\n", in[i].name, in[i].writable ? "rw" : "ro",
-				     (long long)in[i].min, (long long)in[i].max, in[i].doc);
+				fprintf(o, "%s\t%s\t%lld\t%lld\t%s\n", in[i].name,
+					in[i].writable ? "rw" : "ro", (long long)in[i].min,
+					(long long)in[i].max, in[i].doc);
 			} else if (sp_merge_ctl_get(eng, in[i].name, &val) == 0) {
-				putf(cfd, "%s %lld\n", in[i].name, (long long)val);
+				fprintf(o, "%s %lld\n", in[i].name, (long long)val);
 			}
 		}
 		if (req[0] == 's')
-			backend_stats(cfd, b);
+			backend_stats(o, b);
 	} else {
-		putf(cfd, "error %d bad request '%.100s' (get NAME, set NAME VALUE, stats, list)\n",
-		     EINVAL, req);
+		fprintf(o, "error %d bad request '%.100s' (get NAME, set NAME VALUE, stats, list)\n",
+			EINVAL, req);
+	}
+}
+
+/* Serve one control connection: the answer goes out in one write, so
+ * that a client polling the statistics costs the engine one wakeup, not
+ * one per line. */
+static void serve(int cfd, struct sp_merge *eng, struct sp_merge_linux *b)
+{
+	char req[512], *buf = NULL;
+	size_t got = 0, len = 0;
+	FILE *o;
+
+	while (got < sizeof(req) - 1) {
+		struct pollfd p = { .fd = cfd, .events = POLLIN };
+		ssize_t r;
+		if (poll(&p, 1, 1000) <= 0)
+			break;
+		r = read(cfd, req + got, sizeof(req) - 1 - got);
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+		if (memchr(req, '\n', got))
+			break;
+	}
+	req[got] = '\0';
+	req[strcspn(req, "\r\n")] = '\0';
+	o = open_memstream(&buf, &len);
+	if (o == NULL) {
+		putf(cfd, "error %d out of memory\n", ENOMEM);
+	} else {
+		answer(o, req, eng, b);
+		if (fclose(o) == 0)
+			put(cfd, buf);
+		else
+			putf(cfd, "error %d out of memory\n", ENOMEM);
+		free(buf);
 	}
 	close(cfd);
 }
@@ -343,6 +381,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
+
 	signal(SIGPIPE, SIG_IGN);
 	if (!br || !er || !tr) {
 		fprintf(stderr, "samepage: owner: out of memory\n");
@@ -369,6 +408,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 		struct sp_merge_region_desc rd = { .npages = o->npages,
 						   .domain = o->clones[i].domain, .tmpl = et };
 		tr[i].sock = o->clones[i].sock;
+		tr[i].bell = o->clones[i].bell;
 		if (sp_merge_linux_region_add(b, &bd, &br[i], &err))
 			goto fail;
 		rd.handle = br[i];
@@ -415,7 +455,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 			if (sp_merge_linux_frame_file(b, across ? 0 : o->clones[i].domain, &ff,
 						      &err))
 				goto fail;
-			hello(o->clones[i].sock, ff.fd, ff.slot);
+			hello(&tr[i], ff.fd, ff.slot);
 		}
 	}
 	lfd = listen_on(o->ctl_path, &err);

@@ -47,6 +47,7 @@ struct sp_merge_msg {
 struct sp_owner_clone {
 	pid_t pid;
 	int sock;               /* owner's end of the clone's merge socket */
+	int bell;               /* eventfd: written after each message sent */
 	uint64_t ram_addr;
 	uint32_t domain;
 };

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -328,6 +329,26 @@ START_TEST(revert_zero_scatter)
 }
 END_TEST
 
+/* utime + stime of process pid, in clock ticks. */
+static long long cpu_ticks(pid_t pid)
+{
+	char path[64], buf[1024], *p;
+	long long ut = 0, st = 0;
+	FILE *fp;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fp = fopen(path, "r");
+	ck_assert_ptr_nonnull(fp);
+	ck_assert_ptr_nonnull(fgets(buf, sizeof(buf), fp));
+	fclose(fp);
+	p = strrchr(buf, ')');
+	ck_assert_ptr_nonnull(p);
+	/* fields after the name: state is 3rd, utime 14th, stime 15th */
+	ck_assert_int_eq(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lld %lld",
+				&ut, &st), 2);
+	return ut + st;
+}
+
 /* The owner dies: every clone keeps running on intact memory. A clone
  * dies: the owner forgets it and the others are untouched. */
 START_TEST(deaths)
@@ -353,6 +374,18 @@ START_TEST(deaths)
 	waitpid(f.owner_pid, NULL, 0);
 	f.owner_pid = 0;
 	verify_all(&f, SP_WL_SAME, 2000);
+	/* the clones noticed (the merge socket hung up) and sleep: none
+	 * spins on the hangup (100 ticks a second: 400 ms idle is 0-2) */
+	{
+		long long t0[NCL];
+		struct timespec ts = { 0, 400000000 };
+
+		for (int i = 0; i < NCL - 1; i++)
+			t0[i] = cpu_ticks(f.clone[i].pid);
+		nanosleep(&ts, NULL);
+		for (int i = 0; i < NCL - 1; i++)
+			ck_assert_int_le(cpu_ticks(f.clone[i].pid) - t0[i], 5);
+	}
 	ck_assert_msg(sp_fanout_run_one(&f, 1, SP_WL_WRITE, 2000, &err) == 0, "%s", err.msg);
 	{
 		uint64_t bad = 1;
