@@ -41,6 +41,8 @@ KVM_SRC  := $(sort $(wildcard tests/kvm/test_*.c))
 TEST_BIN := $(UNIT_SRC:tests/%.c=$(B)/tests/%) $(KVM_SRC:tests/%.c=$(B)/tests/%)
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(B)/fuzz/%)
+BENCH_SRC := $(sort $(wildcard bench/*.c))
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(B)/bench/%)
 
 # The probe guest: freestanding x86-64 code that runs at CPL3 inside the VM.
 GUEST_CFLAGS := -std=c11 -O2 -ffreestanding -fno-pic -fno-pie -fno-stack-protector \
@@ -78,7 +80,12 @@ $(B)/tests/%: tests/%.c $(VMM_OBJ) $(LIB) tests/testutil.h
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags check) -Itests -o $@ $< $(VMM_OBJ) $(LIB) \
 	      $(LDFLAGS) $(shell pkg-config --libs check) $(LDLIBS)
 
-tests: $(TEST_BIN) $(B)/samepage
+# bench programs (the merge floor rig) link like the tests
+$(B)/bench/%: bench/%.c $(VMM_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(VMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS)
+
+tests: $(TEST_BIN) $(B)/samepage $(BENCH_BIN)
 
 $(B)/fuzz/%: tests/fuzz/%.c $(LIB_SRC)
 	@mkdir -p $(dir $@)
@@ -107,7 +114,7 @@ demo: deps
 	@B=$(B) bash scripts/demo.sh
 
 bench: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory all $(BENCH_BIN)
 	@B=$(B) bash bench/run.sh
 
 clean:

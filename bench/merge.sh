@@ -11,6 +11,10 @@
 #   converged with nothing changing (engine owner vs ksmd); engine metadata
 #   bytes per candidate page. Every writable /sys/kernel/mm/ksm knob is saved
 #   first and restored at the end, also on failure, SIGINT and SIGTERM.
+#   Alternating with those, for same and scatter: the floor
+#   ($B/bench/merge_floor), what the clones' share of merging (compare each
+#   page with its frame, map the frame file over it) costs here with no KVM
+#   and no engine, against which the targets are held.
 #
 # Writes bench/results/merge-vs-ksm.json (every run's raw numbers and KSM's
 # time series), merge-vs-ksm.md (the table and the targets) and
@@ -29,6 +33,8 @@
 #   MERGE_IDLE_S=20           idle window after convergence (0: skip)
 #   MERGE_IDLE_WORKLOADS=same workloads that get the idle measurement
 #   MERGE_KSM_CAP_S=600       give up waiting for ksmd at defaults after this
+#   MERGE_FLOOR=1             0 skips the floor ($B/bench/merge_floor: the clones'
+#                             compare-and-map alone, for same and scatter)
 set -euo pipefail
 B=${B:-build}
 SP=$B/samepage
@@ -42,6 +48,11 @@ WLS=${MERGE_WORKLOADS:-same scatter zero revert}
 [ "$(id -u)" = 0 ] || { echo "bench: the KSM side needs root" >&2; exit 77; }
 [ -d /sys/kernel/mm/ksm ] || { echo "bench: no /sys/kernel/mm/ksm (kernel without KSM)" >&2; exit 69; }
 [ -x "$SP" ] || { echo "bench: $SP is missing (run make)" >&2; exit 66; }
+floor=()
+if [ "${MERGE_FLOOR:-1}" = 1 ]; then
+	[ -x "$B/bench/merge_floor" ] || { echo "bench: $B/bench/merge_floor is missing (run make bench)" >&2; exit 66; }
+	floor=(--floor "$B/bench/merge_floor")
+fi
 mkdir -p "$OUT"
 tmp=$(mktemp -d /tmp/samepage-merge.XXXXXX)
 py=
@@ -62,6 +73,6 @@ python3 "$(dirname "$0")/merge_vs_ksm.py" --sp "$SP" --ckpt "$tmp/golden.ckpt" -
 	--out "$OUT" --tmp "$tmp" --clones "$N" --pct "$P" --workloads "$WLS" \
 	--repeat "${MERGE_REPEAT:-3}" --ksm-defaults "${MERGE_KSM_DEFAULTS:-1}" --ksm-zero "${MERGE_KSM_ZERO:-0}" \
 	--idle "${MERGE_IDLE_S:-20}" --idle-workloads "${MERGE_IDLE_WORKLOADS:-same}" \
-	--cap-default "${MERGE_KSM_CAP_S:-600}" &
+	--cap-default "${MERGE_KSM_CAP_S:-600}" "${floor[@]}" &
 py=$!
 wait "$py"
