@@ -295,6 +295,15 @@ static uint64_t parse_bytes(const char *s)
 	return *end ? 0 : v;
 }
 
+/* A whole number up to 10^6, or 0 (refused by every caller) if not one. */
+static unsigned long count(const char *s)
+{
+	char *end;
+	unsigned long v = strtoul(s, &end, 10);
+
+	return *s && !*end && v <= 1000000 ? v : 0;
+}
+
 static void usage(FILE *o)
 {
 	fprintf(o, "usage: merge_floor --workload same|scatter [--ckpt FILE] [--clones N] [--pct P]\n"
@@ -440,10 +449,10 @@ int main(int argc, char **argv)
 			g.scatter = !strcmp(optarg, "same") ? 0 : !strcmp(optarg, "scatter") ? 1 : -2;
 			break;
 		case 'n':
-			g.clones = (unsigned)strtoul(optarg, NULL, 10);
+			g.clones = (unsigned)count(optarg);
 			break;
 		case 'p':
-			g.pct = (unsigned)strtoul(optarg, NULL, 10);
+			g.pct = (unsigned)count(optarg);
 			break;
 		case 'm':
 			g.npages = parse_bytes(optarg) / PAGE;
@@ -583,5 +592,12 @@ int main(int argc, char **argv)
 	       (alone.cpu_ns - alone.cmp_ns) / 1e3 / (double)alone.pages, bound_s, 0.95 * bound_s,
 	       tog.wall_ns / 1e9, tog.t95_ns / 1e9, tog.cpu_ns / 1e9, g.ncand, fw_calls,
 	       fw_ns / 1e9, fw_ns / 1e3 / (double)g.ncand);
+	free(g.same_pages);
+	free(g.frame_of);
+	free(frames);
+	free(buf);
+	close(frame_fd);
+	if (tmpl_fd >= 0)
+		close(tmpl_fd);
 	return 0;
 }

@@ -14,6 +14,8 @@ FL=$B/bench/merge_floor
 [ $? = 64 ] && grep -q '^merge_floor: ' "$tmp/err" && ok "bad workload refused" || fail "bad workload: $(cat "$tmp/err")"
 "$FL" --workload same --pct 90 >"$tmp/out" 2>"$tmp/err"
 [ $? = 64 ] && ok "pct out of range refused" || fail "pct 90 accepted"
+"$FL" --workload same --clones 3x >"$tmp/out" 2>"$tmp/err"
+[ $? = 64 ] && ok "a malformed count refused" || fail "--clones 3x accepted"
 "$FL" --help >"$tmp/out" && grep -q -- '--workload same|scatter' "$tmp/out" && ok "--help" || fail "--help"
 
 # 8 MiB clones (1,536 data pages), 10% of them written
