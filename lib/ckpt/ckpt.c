@@ -48,7 +48,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "samepage/ckpt.h"
 

@@ -46,7 +46,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "samepage/merge_linux.h"
 

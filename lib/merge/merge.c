@@ -197,7 +197,7 @@
 #include <string.h>
 #include <time.h>
 
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "samepage/merge.h"
 

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "lib/merge/merge_mem.h"
 

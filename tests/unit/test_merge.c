@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "samepage/merge.h"
 #include "lib/merge/merge_mem.h"

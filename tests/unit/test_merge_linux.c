@@ -24,7 +24,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
-#include <xxhash.h>
+#include "lib/util/xxh.h"
 
 #include "samepage/merge.h"
 #include "samepage/merge_linux.h"
