@@ -20,6 +20,7 @@
 
 #include "samepage/merge_linux.h"
 #include "vmm/owner.h"
+#include "vmm/transport.h"
 
 static volatile sig_atomic_t stop;
 static int made_dir;   /* listen_on created the socket's directory */
@@ -28,176 +29,6 @@ static void on_stop(int sig)
 {
 	(void)sig;
 	stop = 1;
-}
-
-struct transport {
-	int sock;
-	int bell;                  /* the clone's doorbell (an eventfd) */
-	size_t sent;               /* (s) requests of the batch in flight shipped */
-	struct sp_merge_msg msg;   /* (s) engine thread only: one batch in flight */
-	struct sp_merge_msg *kept; /* (s) the batch's answer, if it came while
-				      ship_digest waited for its own */
-	ssize_t kept_len;          /* (s) its length; 0: none kept */
-};
-
-/* Tell the clone a message is waiting. The clone sleeps on this eventfd,
- * not on the socket: a socket wakes its reader "synchronously", which puts
- * the clone on the owner's core while the other core may idle. */
-static void ring(const struct transport *t)
-{
-	uint64_t one = 1;
-
-	(void)!write(t->bell, &one, sizeof(one));
-}
-
-/* Requests in the message that carries reqs[done...] of a batch of n. */
-static size_t chunk(size_t n, size_t done)
-{
-	return n - done < SP_MERGE_MSG_MAX_REQS ? n - done : SP_MERGE_MSG_MAX_REQS;
-}
-
-/* sp_merge_linux_send_fn: ship a batch to the clone, one message per
- * SP_MERGE_MSG_MAX_REQS requests, without waiting for the answers (the
- * clone answers each message in order). At most one batch is in flight, so
- * the socket queues hold a few messages at most and send never waits for
- * long. */
-static int ship_send(void *ctx, const struct sp_merge_req *reqs, size_t n)
-{
-	struct transport *t = ctx;
-
-	t->sent = 0;
-	while (t->sent < n) {
-		size_t k = chunk(n, t->sent);
-		size_t bytes = offsetof(struct sp_merge_msg, reqs) + k * sizeof(reqs[0]);
-		ssize_t r;
-
-		t->msg.type = SP_MERGE_MSG_BATCH;
-		t->msg.n = (uint32_t)k;
-		memcpy(t->msg.reqs, reqs + t->sent, k * sizeof(reqs[0]));
-		do
-			r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
-		while (r < 0 && errno == EINTR);
-		if (r != (ssize_t)bytes)
-			break;   /* the rest stays unapplied */
-		t->sent += k;
-	}
-	ring(t);
-	return t->sent ? 0 : -EPIPE;
-}
-
-/* sp_merge_linux_recv_fn: wait for the answers to what ship_send shipped. */
-static int ship_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
-{
-	struct transport *t = ctx;
-
-	for (size_t done = 0; done < n; done += chunk(n, done)) {
-		size_t k = chunk(n, done);
-		size_t bytes = offsetof(struct sp_merge_msg, reqs) + k * sizeof(reqs[0]);
-		ssize_t r;
-
-		if (done >= t->sent) {
-			for (size_t i = done; i < n; i++)
-				reqs[i].result = -EPIPE;
-			break;
-		}
-		if (t->kept_len) {
-			/* answered while ship_digest waited */
-			memcpy(&t->msg, t->kept, (size_t)t->kept_len);
-			r = t->kept_len;
-			t->kept_len = 0;
-		} else {
-			do
-				r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
-			while (r < 0 && errno == EINTR);
-		}
-		if (r <= 0) {
-			/* the clone died mid-batch: the rest stays unapplied */
-			for (size_t i = done; i < n; i++)
-				reqs[i].result = -ESRCH;
-			return done ? 0 : -ESRCH;
-		}
-		if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DONE || t->msg.n != k) {
-			/* a bad answer (nothing applied): keep reading the
-			 * answers to the rest, so the next batch's are its own */
-			for (size_t i = done; i < done + k; i++)
-				reqs[i].result = -EPROTO;
-			continue;
-		}
-		for (size_t i = 0; i < k; i++)
-			reqs[done + i].result = t->msg.reqs[i].result;
-	}
-	return 0;
-}
-
-/* sp_merge_linux_digest_fn: the clone hashes n of its pages. The answer to
- * a batch in flight comes first (the clone answers in order): keep it for
- * ship_recv. */
-static int ship_digest(void *ctx, const uint64_t *pages, size_t n, uint64_t *out)
-{
-	struct transport *t = ctx;
-	size_t bytes = offsetof(struct sp_merge_msg, reqs) + n * sizeof(t->msg.reqs[0]);
-	ssize_t r;
-
-	if (n > SP_MERGE_MSG_MAX_REQS)
-		return -EINVAL;
-	t->msg.type = SP_MERGE_MSG_DIGEST;
-	t->msg.n = (uint32_t)n;
-	for (size_t i = 0; i < n; i++)
-		t->msg.reqs[i] = (struct sp_merge_req){ .page = pages[i] };
-	do
-		r = send(t->sock, &t->msg, bytes, MSG_NOSIGNAL);
-	while (r < 0 && errno == EINTR);
-	ring(t);
-	if (r != (ssize_t)bytes)
-		return -EPIPE;
-	for (;;) {
-		do
-			r = recv(t->sock, &t->msg, sizeof(t->msg), 0);
-		while (r < 0 && errno == EINTR);
-		if (r <= 0)
-			return -ESRCH;
-		if (t->msg.type != SP_MERGE_MSG_DONE)
-			break;
-		if (!t->kept && !(t->kept = malloc(sizeof(*t->kept))))
-			return -ENOMEM;
-		memcpy(t->kept, &t->msg, (size_t)r);
-		t->kept_len = r;
-	}
-	if (r != (ssize_t)bytes || t->msg.type != SP_MERGE_MSG_DIGEST || t->msg.n != n)
-		return -EPROTO;
-	for (size_t i = 0; i < n; i++) {
-		if (t->msg.reqs[i].result)
-			return t->msg.reqs[i].result < 0 ? t->msg.reqs[i].result : -EPROTO;
-		out[i] = t->msg.reqs[i].target;
-	}
-	return 0;
-}
-
-/* sp_merge_linux_apply_fn: ship a batch to the clone, wait for results. */
-static int ship(void *ctx, struct sp_merge_req *reqs, size_t n)
-{
-	int rc = ship_send(ctx, reqs, n);
-
-	return rc ? rc : ship_recv(ctx, reqs, n);
-}
-
-/* Hand a clone its domain's frame file (it maps frames from it) and the
- * file's slot (in n). */
-static void hello(const struct transport *t, int frame_fd, uint32_t slot)
-{
-	struct sp_merge_msg m = { .type = SP_MERGE_MSG_HELLO, .n = slot };
-	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
-	struct iovec iov = { &m, offsetof(struct sp_merge_msg, reqs) };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-			     .msg_controllen = sizeof(cbuf) };
-	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-
-	c->cmsg_level = SOL_SOCKET;
-	c->cmsg_type = SCM_RIGHTS;
-	c->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(c), &frame_fd, sizeof(int));
-	(void)sendmsg(t->sock, &mh, MSG_NOSIGNAL);
-	ring(t);
 }
 
 static int listen_on(const char *path, struct sp_error *err)
@@ -373,7 +204,8 @@ int sp_owner_main(const struct sp_owner_opts *o)
 	struct sp_merge_template *et = NULL;
 	struct sp_merge_linux_region **br = calloc(o->nclones, sizeof(*br));
 	struct sp_merge_region **er = calloc(o->nclones, sizeof(*er));
-	struct transport *tr = calloc(o->nclones, sizeof(*tr));
+	struct sp_transport *tr = calloc(o->nclones, sizeof(*tr));
+	struct sp_merge_msg *msg = malloc(sizeof(*msg));   /* every transport's */
 	struct sp_merge_linux_mapcount mc = { -1, -1 };
 	struct sigaction sa = { .sa_handler = on_stop };
 	struct pollfd *pf = NULL;
@@ -383,7 +215,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 	sigaction(SIGINT, &sa, NULL);
 
 	signal(SIGPIPE, SIG_IGN);
-	if (!br || !er || !tr) {
+	if (!br || !er || !tr || !msg) {
 		fprintf(stderr, "samepage: owner: out of memory\n");
 		goto out;
 	}
@@ -402,13 +234,15 @@ int sp_owner_main(const struct sp_owner_opts *o)
 	for (uint32_t i = 0; i < o->nclones; i++) {
 		struct sp_merge_linux_region_desc bd = {
 			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
-			.npages = o->npages, .tmpl = bt, .apply = ship, .send = ship_send,
-			.recv = ship_recv, .digest = ship_digest, .transport_ctx = &tr[i],
+			.npages = o->npages, .tmpl = bt, .apply = sp_transport_apply,
+			.send = sp_transport_send, .recv = sp_transport_recv,
+			.digest = sp_transport_digest, .transport_ctx = &tr[i],
 		};
 		struct sp_merge_region_desc rd = { .npages = o->npages,
 						   .domain = o->clones[i].domain, .tmpl = et };
 		tr[i].sock = o->clones[i].sock;
 		tr[i].bell = o->clones[i].bell;
+		tr[i].msg = msg;
 		if (sp_merge_linux_region_add(b, &bd, &br[i], &err))
 			goto fail;
 		rd.handle = br[i];
@@ -455,7 +289,7 @@ int sp_owner_main(const struct sp_owner_opts *o)
 			if (sp_merge_linux_frame_file(b, across ? 0 : o->clones[i].domain, &ff,
 						      &err))
 				goto fail;
-			hello(&tr[i], ff.fd, ff.slot);
+			sp_transport_hello(&tr[i], ff.fd, ff.slot);
 		}
 	}
 	lfd = listen_on(o->ctl_path, &err);
@@ -537,8 +371,9 @@ out:
 	free(br);
 	free(er);
 	for (uint32_t i = 0; tr && i < o->nclones; i++)
-		free(tr[i].kept);
+		sp_transport_release(&tr[i]);
 	free(tr);
+	free(msg);
 	free(pf);
 	return status;
 }
