@@ -37,6 +37,8 @@
 				    the same type, has each page's XXH3-64 in
 				    reqs[i].target (result 0) */
 #define SP_MERGE_MSG_MAX_REQS 1024u
+_Static_assert(SP_MERGE_MSG_MAX_REQS >= SP_MERGE_DIGEST_MAX,
+	       "a digest request and its answer are one message");
 
 struct sp_merge_msg {
 	uint32_t type;

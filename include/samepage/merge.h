@@ -26,6 +26,9 @@
 #include "samepage/error.h"
 
 #define SP_MERGE_PAGE_BYTES 4096u
+/* Most pages one ops.digest call asks for (also the most one changed()
+ * call reports). */
+#define SP_MERGE_DIGEST_MAX 1024u
 
 /* frame_alloc hint meaning "anywhere". */
 #define SP_MERGE_NO_HINT UINT64_MAX
@@ -83,7 +86,8 @@ struct sp_merge_ops {
 			 const void **out);
 
 	/* Optional: out[i] = XXH3-64 of the current content of pages[i] of
-	 * region, for i < n (n <= 256), computed where the memory is (the
+	 * region, for i < n (n <= SP_MERGE_DIGEST_MAX; out may be pages:
+	 * each page is read before its digest is written), computed where the memory is (the
 	 * clone hashes its own pages), so that the core reads only the pages
 	 * it copies into frames. A digest only proposes: every merge is
 	 * verified by merge(), so a wrong or stale digest costs a refused

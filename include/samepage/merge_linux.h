@@ -90,7 +90,7 @@ typedef int (*sp_merge_linux_send_fn)(void *transport_ctx,
 				      const struct sp_merge_req *reqs, size_t n);
 typedef int (*sp_merge_linux_recv_fn)(void *transport_ctx,
 				      struct sp_merge_req *reqs, size_t n);
-/* Optional: ask the clone for the XXH3-64 digests of n (<= 256) pages of
+/* Optional: ask the clone for the XXH3-64 digests of n (<= SP_MERGE_DIGEST_MAX) pages of
  * its RAM (sp_merge_clone_digest) and wait for them, so that the owner
  * reads only the pages it copies into frames. A batch sent with send may
  * still be unanswered: its answer arrives first and must be kept for recv.

@@ -213,8 +213,8 @@
 #define PAGE SP_MERGE_PAGE_BYTES
 #define PASS_BITS 28
 #define PASS_MASK ((1u << PASS_BITS) - 1)
-#define CHG_CHUNK 256u        /* pages per changed() call */
-#define PEND_MAX 1024u        /* merge requests per flush */
+#define CHG_CHUNK SP_MERGE_DIGEST_MAX /* pages per changed() call: 1024 */
+#define PEND_MAX 2048u        /* merge requests per flush */
 #define ITEMS_PER_CHUNK 1024u /* item pool growth; slot 0 is the header */
 #define RETRY_BACKOFF_MAX 64u /* passes */
 #define NO_ITEM UINT32_MAX    /* no item id */
@@ -327,10 +327,11 @@ struct sp_merge_region {
 	bool no_digest;                 /* (t) ops.digest said -ENOSYS */
 };
 
-/* A merge request waiting in the batch. */
+/* A merge request waiting in the batch, 16 bytes. Its target is its
+ * item's u.rmap.node, which a pending item holds. */
 struct pend {
-	struct sp_item *it;
-	struct sp_stable *node;
+	uint64_t key;     /* region << 32 | page: the batch's order */
+	uint32_t item;    /* item id */
 	bool predicted;   /* queued unread, on its sibling's target */
 };
 
@@ -394,13 +395,15 @@ struct sp_merge {
 	struct pend *fl_pend;           /* (t) async: the flush in flight... */
 	struct sp_merge_req *fl_reqs;   /* (t) ...its requests... */
 	size_t fl_npend;                /* (t) ...how many (0: none)... */
-	struct inflight *fl;            /* (t) ...and its batches */
+	struct inflight *fl;            /* (t) ...and its batches, at most
+					   one per region */
+	int64_t fl_cap;                 /* (t) fl's length, > regions */
 	size_t nfl;                     /* (t) */
 	uint64_t *chg;                  /* (t) scratch for ops.changed */
 	struct sp_item **cit, **csib;   /* (t) chg[i]'s item and, if it has
 					   none, its sibling's: looked up once */
-	uint64_t *dig;                  /* (t) ops.digest: digests of chg[i] */
-	uint64_t *dig_req;              /* (t) ...the pages asked for */
+	uint64_t *dig;                  /* (t) ops.digest: digests of chg[i]
+					   (first the pages asked for) */
 	uint8_t *dig_have;              /* (t) ...1: dig[i] is chg[i]'s */
 	bool hint_valid;                /* (t) last frame allocation... */
 	uint32_t hint_region, hint_page;/* (t) ...was for this page */
@@ -1352,9 +1355,7 @@ static int pend_cmp(const void *a, const void *b)
 {
 	const struct pend *x = a, *y = b;
 
-	if (x->it->region != y->it->region)
-		return cmp_u64(x->it->region, y->it->region);
-	return cmp_u64(x->it->page, y->it->page);
+	return cmp_u64(x->key, y->key);
 }
 
 /* Queue a merge of it onto n. A pending item names its node (in the
@@ -1368,8 +1369,8 @@ static void queue_as(struct sp_merge *e, struct sp_item *it,
 	n->npending++;
 	it->state = ST_PENDING;
 	it->u.rmap.node = n;
-	e->pend[e->npend].it = it;
-	e->pend[e->npend].node = n;
+	e->pend[e->npend].key = (uint64_t)it->region << 32 | it->page;
+	e->pend[e->npend].item = item_id(it);
 	e->pend[e->npend].predicted = predicted;
 	e->npend++;
 }
@@ -1379,10 +1380,13 @@ static void queue(struct sp_merge *e, struct sp_item *it, struct sp_stable *n)
 	queue_as(e, it, n, false);
 }
 
-static void finish(struct sp_merge *e, struct sp_item *it, struct sp_stable *n,
-		   bool predicted, int res)
+static void finish(struct sp_merge *e, struct sp_item *it, bool predicted,
+		   int res)
 {
+	struct sp_stable *n = it->u.rmap.node;
+
 	TREE_LOCK_ASSERT(e);
+	assert(it->state == ST_PENDING);
 	n->npending--;
 	it->state = ST_NONE;
 	if (res == 0) {
@@ -1424,7 +1428,7 @@ static void finish_batch(struct sp_merge *e, struct pend *pend,
 			reqs[k].result = rc;
 	}
 	for (k = b->at; k < b->at + b->n; k++)
-		finish(e, pend[k].it, pend[k].node, pend[k].predicted,
+		finish(e, item_at(e, pend[k].item), pend[k].predicted,
 		       reqs[k].result);
 }
 
@@ -1464,16 +1468,17 @@ static void flush(struct sp_merge *e)
 		return;
 	qsort(e->pend, e->npend, sizeof(*e->pend), pend_cmp);
 	while (i < e->npend) {
-		uint32_t rid = e->pend[i].it->region;
+		uint32_t rid = (uint32_t)(e->pend[i].key >> 32);
 		struct sp_merge_region *r = e->rtab[rid];
 		struct inflight b;
 
-		for (j = i; j < e->npend && e->pend[j].it->region == rid; j++) {
+		for (j = i; j < e->npend && (uint32_t)(e->pend[j].key >> 32) == rid; j++) {
 			struct sp_merge_req *q = &e->reqs[j];
+			const struct sp_stable *n = item_at(e, e->pend[j].item)->u.rmap.node;
 
-			q->page = e->pend[j].it->page;
-			q->kind = e->pend[j].node->kind;
-			q->target = e->pend[j].node->target;
+			q->page = (uint32_t)e->pend[j].key;
+			q->kind = n->kind;
+			q->target = n->target;
 			q->result = -EIO;  /* a backend that forgets fails */
 		}
 		b.region = rid;
@@ -1912,12 +1917,12 @@ static void digest_chunk(struct sp_merge *e, struct sp_merge_region *r, size_t n
 		 * frame, made from this page's bytes: read it, once. */
 		if (s != NULL && (s->state == ST_UNSTABLE || predict(e, r, s) != NULL))
 			continue;
-		e->dig_req[m++] = e->chg[i];
+		e->dig[m++] = e->chg[i];
 		e->dig_have[i] = 1;
 	}
 	if (m == 0)
 		return;
-	rc = e->ops.digest(e->ctx, r->handle, e->dig_req, m, e->dig);
+	rc = e->ops.digest(e->ctx, r->handle, e->dig, m, e->dig);
 	if (rc != 0) {
 		if (rc == -ENOSYS)
 			r->no_digest = true;
@@ -2120,31 +2125,28 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	e->csib = calloc(CHG_CHUNK, sizeof(*e->csib));
 	if (ops->digest != NULL) {
 		e->dig = calloc(CHG_CHUNK, sizeof(*e->dig));
-		e->dig_req = calloc(CHG_CHUNK, sizeof(*e->dig_req));
 		e->dig_have = calloc(CHG_CHUNK, sizeof(*e->dig_have));
 	}
 	if (e->async) {
 		e->fl_pend = calloc(PEND_MAX, sizeof(*e->fl_pend));
 		e->fl_reqs = calloc(PEND_MAX, sizeof(*e->fl_reqs));
-		e->fl = calloc(PEND_MAX, sizeof(*e->fl));
 	}
 	for (i = 0; i < NBUF; i++)
 		e->buf[i] = aligned_alloc(PAGE, PAGE);
 	if (!e->pend || !e->reqs || !e->chg || !e->cit || !e->csib ||
 	    !e->buf[0] || !e->buf[1] ||
 	    !e->buf[2] || !e->buf[3] ||
-	    (e->async && (!e->fl_pend || !e->fl_reqs || !e->fl)) ||
-	    (ops->digest != NULL && (!e->dig || !e->dig_req || !e->dig_have))) {
+	    (e->async && (!e->fl_pend || !e->fl_reqs)) ||
+	    (ops->digest != NULL && (!e->dig || !e->dig_have))) {
 		sp_merge_destroy(e);
 		return sp_error_set(err, -ENOMEM, "merge engine: out of memory");
 	}
 	atomic_init(&e->st[S_METADATA],
 		    (int64_t)(sizeof(*e) + PEND_MAX * (sizeof(*e->pend) +
 		    sizeof(*e->reqs)) * (e->async ? 2 : 1) +
-		    (e->async ? PEND_MAX * sizeof(*e->fl) : 0) +
 		    CHG_CHUNK * (sizeof(*e->chg) + sizeof(*e->cit) +
 				 sizeof(*e->csib)) + NBUF * PAGE +
-		    (ops->digest != NULL ? CHG_CHUNK * (2 * sizeof(*e->dig) +
+		    (ops->digest != NULL ? CHG_CHUNK * (sizeof(*e->dig) +
 						      sizeof(*e->dig_have)) : 0)));
 	*out = e;
 	return 0;
@@ -2214,7 +2216,6 @@ void sp_merge_destroy(struct sp_merge *e)
 	free(e->cit);
 	free(e->csib);
 	free(e->dig);
-	free(e->dig_req);
 	free(e->dig_have);
 	for (b = 0; b < NBUF; b++)
 		free(e->buf[b]);
@@ -2340,6 +2341,20 @@ int sp_merge_region_add(struct sp_merge *e,
 	r->tmpl = desc->tmpl;
 	r->domain = desc->domain;
 	tree_lock(e);
+	/* a flush in flight holds at most one batch per region */
+	if (e->async && e->fl_cap <= stat_get(e, S_REGIONS)) {
+		int64_t cap = e->fl_cap ? e->fl_cap * 2 : 8;
+		struct inflight *nf = realloc(e->fl, cap * sizeof(*nf));
+
+		if (nf == NULL) {
+			tree_unlock(e);
+			free(r);
+			return sp_error_set(err, -ENOMEM, "merge region: out of memory");
+		}
+		meta(e, (int64_t)((cap - e->fl_cap) * sizeof(*nf)));
+		e->fl = nf;
+		e->fl_cap = cap;
+	}
 	for (id = 0; id < e->rtab_len && e->rtab[id] != NULL; id++)
 		;
 	if (id == e->rtab_len) {

@@ -200,7 +200,7 @@ static int op_digest(void *ctx, void *region, const uint64_t *pages, size_t n,
 	pthread_mutex_lock(&mm->lock);
 	if (vm->dead) {
 		rc = -ESRCH;
-	} else if (n > 256) {
+	} else if (n > SP_MERGE_DIGEST_MAX) {
 		violation(mm, "digest: %zu pages at once", n);
 		rc = -EINVAL;
 	}
