@@ -490,7 +490,7 @@ def report(a, runs):
     L = []
     L.append(f"{a.clones} clones × {a.mem} (cow) of one checkpoint; each workload touches "
              f"{a.pct}% of every clone's data pages. Engine at its default knobs "
-             f"(the merge owner's: pages_to_scan 10000, sleep_ms 0 while there is work, poll_ms 1000 once converged), `merge.use_zero_pages=1` for "
+             f"(the merge owner's: pages_to_scan 100000, sleep_ms 0 while there is work, poll_ms 1000 once converged), `merge.use_zero_pages=1` for "
              f"`zero`. KSM fastest = pages_to_scan 10000 / sleep_millisecs 0, defaults = 100 / 20; "
              f"KSM `use_zero_pages` = 1 for `zero`, {a.ksm_zero} otherwise; other knobs as found "
              f"(smart_scan, max_page_sharing 256). t95 = time to 95 % of that side's final "

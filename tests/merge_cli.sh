@@ -40,6 +40,8 @@ grep -q '"owner_pid"' "$tmp/hold.out" && grep -q "\"ctl_socket\":\"$sock\"" "$tm
 v=$("$SP" ctl -s "$sock" get stats.merge.pages_sharing)
 [ "${v:-0}" -gt 0 ] && ok "pages_sharing $v after convergence" || fail "pages_sharing '$v'"
 [ "$("$SP" ctl -s "$sock" get stats.merge.converged)" = 1 ] && ok "converged" || fail "not converged"
+[ "$("$SP" ctl -s "$sock" get merge.pages_to_scan)" = 100000 ] && [ "$("$SP" ctl -s "$sock" get merge.sleep_ms)" = 0 ] \
+	&& ok "the owner's own defaults (docs/knobs.md)" || fail "owner defaults: pages_to_scan $("$SP" ctl -s "$sock" get merge.pages_to_scan)"
 expect_exit 0 "ctl set merge.sleep_ms 5" "$SP" ctl -s "$sock" set merge.sleep_ms 5
 [ "$("$SP" ctl -s "$sock" get merge.sleep_ms)" = 5 ] && ok "knob reads back" || fail "knob did not change"
 expect_exit 64 "max_page_sharing refused while frames are merged" "$SP" ctl -s "$sock" set merge.max_page_sharing 100

@@ -263,9 +263,14 @@ int sp_owner_main(const struct sp_owner_opts *o)
 		/* The owner exists to merge: it runs unless told otherwise, and
 		 * does not sleep between steps while it has work (it only has
 		 * work when clones changed pages; once converged it sleeps until
-		 * merge.poll_ms). Knobs given explicitly win. */
+		 * merge.poll_ms). Its steps are long: a step ends by waiting for
+		 * every batch in flight, and the next one starts with the
+		 * clones idle, which is all a step boundary buys when nothing
+		 * sleeps between steps (docs/merge-linux.md). Knobs given
+		 * explicitly win. */
 		static const char *const defaults[][2] = {
 			{ "merge.run", "1" }, { "merge.sleep_ms", "0" },
+			{ "merge.pages_to_scan", "100000" },
 		};
 		for (size_t d = 0; d < sizeof(defaults) / sizeof(defaults[0]); d++) {
 			size_t len = strlen(defaults[d][0]);
