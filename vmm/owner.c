@@ -236,7 +236,8 @@ int sp_owner_main(const struct sp_owner_opts *o)
 			.pid = o->clones[i].pid, .ram_addr = o->clones[i].ram_addr,
 			.npages = o->npages, .tmpl = bt, .apply = sp_transport_apply,
 			.send = sp_transport_send, .recv = sp_transport_recv,
-			.digest = sp_transport_digest, .transport_ctx = &tr[i],
+			.digest = sp_transport_digest, .ready = sp_transport_ready,
+			.transport_ctx = &tr[i],
 		};
 		struct sp_merge_region_desc rd = { .npages = o->npages,
 						   .domain = o->clones[i].domain, .tmpl = et };

@@ -104,6 +104,51 @@ int sp_transport_recv(void *ctx, struct sp_merge_req *reqs, size_t n)
 	return 0;
 }
 
+/* Make room for one more kept answer. */
+static int kept_room(struct sp_transport *t)
+{
+	if (t->nkept == t->kept_cap) {
+		size_t cap = t->kept_cap ? 2 * t->kept_cap : 2;
+		struct sp_transport_kept *k = realloc(t->kept, cap * sizeof(*k));
+
+		if (!k)
+			return -ENOMEM;
+		t->kept = k;
+		t->kept_cap = cap;
+	}
+	return 0;
+}
+
+/* Keep the answer of len bytes in t->msg, for sp_transport_recv. */
+static void keep(struct sp_transport *t, ssize_t len)
+{
+	t->kept[t->nkept].len = len;
+	memcpy(&t->kept[t->nkept++].msg, t->msg, (size_t)len);
+}
+
+/* Every answer to the batch in flight that has come is moved from the
+ * socket to the kept list (without waiting); ready when all have. */
+int sp_transport_ready(void *ctx)
+{
+	struct sp_transport *t = ctx;
+	size_t want = (t->sent + SP_MERGE_MSG_MAX_REQS - 1) / SP_MERGE_MSG_MAX_REQS;
+	ssize_t r;
+
+	while (t->nkept - t->kept_at < want) {
+		if (kept_room(t))
+			return 0;   /* recv will read it */
+		do
+			r = recv(t->sock, t->msg, sizeof(*t->msg), MSG_DONTWAIT);
+		while (r < 0 && errno == EINTR);
+		if (r < 0)
+			return errno != EAGAIN && errno != EWOULDBLOCK;
+		if (r == 0)
+			return 1;   /* the clone is gone: recv will not wait */
+		keep(t, r);
+	}
+	return 1;
+}
+
 /* The answers to a batch in flight come first (the clone answers in
  * order): keep them for sp_transport_recv. */
 int sp_transport_digest(void *ctx, const uint64_t *pages, size_t n, uint64_t *out)
@@ -132,17 +177,9 @@ int sp_transport_digest(void *ctx, const uint64_t *pages, size_t n, uint64_t *ou
 			return -ESRCH;
 		if (t->msg->type != SP_MERGE_MSG_DONE)
 			break;
-		if (t->nkept == t->kept_cap) {
-			size_t cap = t->kept_cap ? 2 * t->kept_cap : 2;
-			struct sp_transport_kept *k = realloc(t->kept, cap * sizeof(*k));
-
-			if (!k)
-				return -ENOMEM;
-			t->kept = k;
-			t->kept_cap = cap;
-		}
-		t->kept[t->nkept].len = r;
-		memcpy(&t->kept[t->nkept++].msg, t->msg, (size_t)r);
+		if (kept_room(t))
+			return -ENOMEM;
+		keep(t, r);
 	}
 	if (r != (ssize_t)bytes || t->msg->type != SP_MERGE_MSG_DIGEST || t->msg->n != n)
 		return -EPROTO;

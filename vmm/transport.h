@@ -11,7 +11,8 @@
  * At most one batch is in flight per clone, but it may take several
  * messages (SP_MERGE_MSG_MAX_REQS requests each), and a digest request
  * sent while it is in flight is answered after it: the DONE answers that
- * arrive first are kept, in order, for sp_transport_recv.
+ * arrive first are kept, in order, for sp_transport_recv. So are those
+ * sp_transport_ready finds when the engine asks whether the clone is done.
  *
  * Every function is called from the engine's thread only (the backend
  * calls them under the engine's lock), so all transports share one message
@@ -35,7 +36,9 @@ struct sp_transport {
 	struct sp_merge_msg *msg;  /* (c) the buffer every transport shares */
 	size_t sent;               /* (s) requests of the batch in flight shipped */
 	struct sp_transport_kept *kept; /* (s) DONE answers that came while a
-					   digest was awaited, oldest first */
+					   digest was awaited, or that
+					   sp_transport_ready found, oldest
+					   first */
 	size_t kept_at, nkept, kept_cap; /* (s) kept[kept_at, nkept) */
 };
 
@@ -48,6 +51,11 @@ int sp_transport_send(void *t, const struct sp_merge_req *reqs, size_t n);
  * clone died first; -EPROTO: a malformed answer). 0, or -ESRCH if no
  * answer came at all. */
 int sp_transport_recv(void *t, struct sp_merge_req *reqs, size_t n);
+
+/* sp_merge_linux_ready_fn: 1 if every answer to the batch sent has come
+ * (or the clone is gone), so that sp_transport_recv will not wait; the
+ * answers that have come are moved to the kept list. Never waits. */
+int sp_transport_ready(void *t);
 
 /* sp_merge_linux_apply_fn: send, then recv. */
 int sp_transport_apply(void *t, struct sp_merge_req *reqs, size_t n);

@@ -152,6 +152,12 @@ struct sp_merge_ops {
 			    size_t n);
 	int (*merge_wait)(void *ctx, void *region, struct sp_merge_req *reqs,
 			  size_t n);
+	/* Optional, with merge_submit: nonzero if the batch in flight for
+	 * region has been answered, so merge_wait would not block (a hint:
+	 * a wrong answer costs time, not correctness). The core uses it to
+	 * hand idle clones the requests it has queued so far instead of
+	 * waiting for a full flush. */
+	int (*merge_ready)(void *ctx, void *region);
 };
 
 struct sp_merge;           /* an engine (opaque) */

@@ -97,6 +97,10 @@ typedef int (*sp_merge_linux_recv_fn)(void *transport_ctx,
  * Returns 0 or -errno (-ESRCH: the clone is gone). Called like send. */
 typedef int (*sp_merge_linux_digest_fn)(void *transport_ctx, const uint64_t *pages,
 					size_t n, uint64_t *out);
+/* Optional, with send and recv: nonzero if every answer to the batch sent
+ * has come (or the clone is gone), so that recv would return at once
+ * (sp_merge_ops.merge_ready). Must not block. */
+typedef int (*sp_merge_linux_ready_fn)(void *transport_ctx);
 
 struct sp_merge_linux_region_desc {
 	pid_t pid;                       /* the clone's process */
@@ -107,7 +111,8 @@ struct sp_merge_linux_region_desc {
 	sp_merge_linux_send_fn send;     /* optional, with recv: the same */
 	sp_merge_linux_recv_fn recv;     /*   split, to overlap with the engine */
 	sp_merge_linux_digest_fn digest; /* optional: the clone hashes pages */
-	void *transport_ctx;             /* passed to apply, send, recv, digest */
+	sp_merge_linux_ready_fn ready;   /* optional, with send: answered yet? */
+	void *transport_ctx;             /* passed to apply, send, recv, digest, ready */
 };
 
 struct sp_merge_linux_stats {

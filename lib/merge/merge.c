@@ -127,6 +127,12 @@
  * clones (which then apply at once, on other cores, instead of one after
  * the other), a pass asks the regions for their changes round robin, one
  * changed() chunk each, instead of draining one region before the next.
+ * A flush normally waits until PEND_MAX requests are queued; with the
+ * optional merge_ready, the core also looks every FLUSH_IDLE_EVERY pages
+ * whether every batch in flight has been answered, and if so flushes what
+ * is queued (at least FLUSH_IDLE_MIN requests) at once: the clones are
+ * idle, and would otherwise wait for the rest of a slow chunk (one whose
+ * pages are read and copied into new frames).
  * Items of a batch in flight stay PENDING and their nodes keep their
  * pending references, so nothing above changes: results are accounted
  * exactly as the synchronous path does, only later. The core waits before
@@ -215,6 +221,8 @@
 #define PASS_MASK ((1u << PASS_BITS) - 1)
 #define CHG_CHUNK SP_MERGE_DIGEST_MAX /* pages per changed() call: 1024 */
 #define PEND_MAX 2048u        /* merge requests per flush */
+#define FLUSH_IDLE_MIN 256u   /* fewest requests flushed to idle clones */
+#define FLUSH_IDLE_EVERY 128u /* pages between two looks at idle clones */
 #define ITEMS_PER_CHUNK 1024u /* item pool growth; slot 0 is the header */
 #define RETRY_BACKOFF_MAX 64u /* passes */
 #define NO_ITEM UINT32_MAX    /* no item id */
@@ -1511,6 +1519,23 @@ static void flush(struct sp_merge *e)
 	e->npend = 0;
 }
 
+/* Flush now if every batch in flight has been answered: the clones are
+ * idle, so hand them what is queued rather than wait for a full flush. */
+static void flush_if_idle(struct sp_merge *e)
+{
+	TREE_LOCK_ASSERT(e);
+	if (!e->async || e->ops.merge_ready == NULL || e->npend < FLUSH_IDLE_MIN)
+		return;
+	for (size_t i = 0; i < e->nfl; i++) {
+		const struct inflight *b = &e->fl[i];
+
+		if (b->rc == 0 &&
+		    !e->ops.merge_ready(e->ctx, e->rtab[b->region]->handle))
+			return;
+	}
+	flush(e);
+}
+
 /* Flush, and wait until nothing is in flight. */
 static void drain(struct sp_merge *e)
 {
@@ -2007,7 +2032,10 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 				changed_page(e, r, page, e->cit[i], e->csib[i],
 					     asc && e->dig_have != NULL && e->dig_have[i] ?
 					     &e->dig[i] : NULL);
+				if ((i & (FLUSH_IDLE_EVERY - 1)) == FLUSH_IDLE_EVERY - 1)
+					flush_if_idle(e);
 			}
+			flush_if_idle(e);
 			if (n > 0)
 				e->pass_changed = true;
 			budget -= (uint64_t)n;
@@ -2090,9 +2118,10 @@ int sp_merge_create(const struct sp_merge_ops *ops, void *ctx,
 	if (ops == NULL || !ops->changed || !ops->read_page ||
 	    !ops->read_template || !ops->read_frame || !ops->frame_alloc ||
 	    !ops->frame_write || !ops->frame_free || !ops->merge ||
-	    !ops->merge_submit != !ops->merge_wait)
+	    !ops->merge_submit != !ops->merge_wait ||
+	    (ops->merge_ready && !ops->merge_submit))
 		return sp_error_set(err, -EINVAL,
-				    "merge engine: every backend op is required (merge_submit and merge_wait: both or neither)");
+				    "merge engine: every backend op is required (merge_submit and merge_wait: both or neither; merge_ready only with them)");
 	e = calloc(1, sizeof(*e));
 	if (e == NULL)
 		return sp_error_set(err, -ENOMEM, "merge engine: out of memory");

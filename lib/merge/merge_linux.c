@@ -188,6 +188,7 @@ struct sp_merge_linux_region {
 	sp_merge_linux_send_fn send; /* (c) NULL: apply only */
 	sp_merge_linux_recv_fn recv; /* (c) */
 	sp_merge_linux_digest_fn digest; /* (c) NULL: the owner reads pages */
+	sp_merge_linux_ready_fn ready; /* (c) NULL: never asked */
 	void *tctx;                 /* (c) */
 	int submit_rc;              /* (e) apply's result, when submit applied */
 	uint64_t submit_ns;         /* (e) time submit spent */
@@ -533,6 +534,7 @@ int sp_merge_linux_region_add(struct sp_merge_linux *b,
 	r->send = d->send;
 	r->recv = d->recv;
 	r->digest = d->digest;
+	r->ready = d->ready;
 	r->tctx = d->transport_ctx;
 	r->mem_fd = r->pagemap_fd = r->stat_fd = -1;
 	r->force = 1;
@@ -1116,6 +1118,18 @@ static int op_merge_wait(void *ctx, void *region, struct sp_merge_req *reqs, siz
 	return merged(ctx, r, reqs, n, rc, r->submit_ns + now_ns() - t0);
 }
 
+static int op_merge_ready(void *ctx, void *region)
+{
+	struct sp_merge_linux_region *r = region;
+
+	(void)ctx;
+	if (!r->send)
+		return 1;   /* applied by submit */
+	if (is_dead(r))
+		return 1;   /* merge_wait will not wait */
+	return r->ready ? r->ready(r->tctx) : 0;
+}
+
 static const struct sp_merge_ops linux_ops = {
 	.changed = op_changed,
 	.read_page = op_read_page,
@@ -1128,6 +1142,7 @@ static const struct sp_merge_ops linux_ops = {
 	.merge = op_merge,
 	.merge_submit = op_merge_submit,
 	.merge_wait = op_merge_wait,
+	.merge_ready = op_merge_ready,
 };
 
 const struct sp_merge_ops *sp_merge_linux_ops(void)

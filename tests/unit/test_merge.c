@@ -83,6 +83,9 @@ static struct {
 		uint64_t reads;  /* backend reads when submitted */
 	} in[NFLIGHT];
 	uint64_t submits, overlapped;
+	int ready;               /* merge_ready: 0 absent, 1 always done,
+				    2 never done, 3 done every other call */
+	uint64_t ready_calls;
 } as;
 
 static int as_submit(void *ctx, void *region, struct sp_merge_req *reqs,
@@ -122,6 +125,19 @@ static int as_wait(void *ctx, void *region, struct sp_merge_req *reqs,
 		as.overlapped++;   /* the engine read on meanwhile */
 	as.in[i] = as.in[--as.nin];
 	return sp_merge_mem_ops()->merge(ctx, region, reqs, n);
+}
+
+/* The engine asks only about a region with a batch in flight. */
+static int as_ready(void *ctx, void *region)
+{
+	size_t i;
+
+	(void)ctx;
+	for (i = 0; i < as.nin && as.in[i].region != region; i++)
+		;
+	ck_assert_msg(i < as.nin, "merge_ready for a region with nothing in flight");
+	as.ready_calls++;
+	return as.ready == 1 || (as.ready == 3 && as.ready_calls % 2 == 0);
 }
 
 static void add_vm(struct world *w, int i, uint32_t dom)
@@ -222,6 +238,8 @@ static void world_init(struct world *w, int nvm, uint64_t npages,
 		if (as.on) {
 			ops.merge_submit = as_submit;
 			ops.merge_wait = as_wait;
+			if (as.ready)
+				ops.merge_ready = as_ready;
 		}
 		ck_assert_int_eq(sp_merge_create(&ops, w->mm, &w->eng, &err),
 				 0);
@@ -1232,6 +1250,7 @@ START_TEST(test_model)
 	/* 0-5 sync, 6-11 async, 12-13 with digests (sync, async), 14 with
 	 * digests and changed() in descending order (no cached lookups) */
 	as.on = (_i >= 6 && _i < 12) || _i == 13;
+	as.ready = as.on ? _i % 4 : 0;   /* merge_ready in every mode */
 	dig.on = _i >= 12;
 	dig.reverse = _i == 14;
 	model_run((uint64_t)(_i % 6) + 1, 1500);
@@ -1392,6 +1411,54 @@ START_TEST(test_overlap)
 }
 END_TEST
 
+/* With merge_ready, clones found done (or with nothing in flight) are
+ * handed what is queued at once instead of after a full flush: more,
+ * smaller batches, the same outcome. */
+static uint64_t idle_flush_run(int ready, int64_t *saved)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p, submits;
+	int i;
+
+	as.on = true;
+	as.ready = ready;
+	dig.on = true;
+	world_init(&w, 6, 1500, 64, 1, 31);
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < w.npages; p++) {
+			gen(c, p % 4 == 3 ? 3000 + p * 8 + (uint64_t)i : 2000 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	submits = as.submits;
+	if (ready != 0)
+		ck_assert_uint_gt(as.ready_calls, 0);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	*saved = saving(&w);
+	world_fini(&w);
+	return submits;
+}
+
+START_TEST(test_flush_when_idle)
+{
+	int64_t s0, s1, s2, s3;
+	uint64_t absent = idle_flush_run(0, &s0);
+	uint64_t done = idle_flush_run(1, &s1);
+	uint64_t never = idle_flush_run(2, &s2);
+	uint64_t half = idle_flush_run(3, &s3);
+
+	ck_assert_uint_gt(done, never);
+	ck_assert_uint_ge(never, absent);   /* idle when nothing is in flight */
+	ck_assert_uint_ge(half, never);
+	ck_assert_int_eq(s1, s0);
+	ck_assert_int_eq(s2, s0);
+	ck_assert_int_eq(s3, s0);
+}
+END_TEST
+
 /* merge_submit and merge_wait come as a pair. */
 START_TEST(test_async_ops_pair)
 {
@@ -1404,6 +1471,10 @@ START_TEST(test_async_ops_pair)
 	ops.merge_submit = NULL;
 	ops.merge_wait = as_wait;
 	ck_assert_int_eq(sp_merge_create(&ops, NULL, &e, &err), -EINVAL);
+	ops.merge_wait = NULL;
+	ops.merge_ready = as_ready;   /* only with the pair */
+	ck_assert_int_eq(sp_merge_create(&ops, NULL, &e, &err), -EINVAL);
+	ck_assert_ptr_null(e);
 }
 END_TEST
 
@@ -1503,6 +1574,7 @@ static Suite *suite(void)
 	tcase_add_loop_test(tc, test_digest_fails, 0, 2);
 	tcase_add_test(tc, test_overlap);
 	tcase_add_test(tc, test_async_ops_pair);
+	tcase_add_test(tc, test_flush_when_idle);
 	tcase_add_loop_test(tc, test_scanner, 0, 2);
 	suite_add_tcase(s, tc);
 	return s;

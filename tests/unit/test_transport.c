@@ -4,7 +4,8 @@
  * clone on the other end of a real socket pair: batches of several
  * messages, digest requests answered after the batch in flight (whose
  * answers must be kept, in order, for the recv that follows), a clone that
- * dies mid-batch, and malformed answers.
+ * dies mid-batch, malformed answers, and the engine asking whether a
+ * clone is done without waiting.
  */
 #include <errno.h>
 #include <signal.h>
@@ -29,6 +30,8 @@ enum script {
 	ANSWER_ALL,      /* DONE for each, in order, then the DIGEST answer */
 	DIE_AFTER_ONE,   /* DONE for the first, then exit */
 	BAD_SECOND,      /* the second DONE has the wrong count */
+	FULL_AT_ONCE,    /* a full BATCH message is answered when it comes;
+			    only the others wait for a DIGEST */
 };
 
 /* A clone's result for request page p: something the owner cannot guess. */
@@ -58,6 +61,10 @@ static void __attribute__((noreturn)) clone_script(int sock, enum script how)
 
 	while ((r = recv(sock, m, sizeof(*m), 0)) > 0) {
 		if (m->type == SP_MERGE_MSG_BATCH) {
+			if (how == FULL_AT_ONCE && m->n == SP_MERGE_MSG_MAX_REQS) {
+				answer_batch(sock, m, 0);
+				continue;
+			}
 			if (nheld < 8)
 				memcpy(&held[nheld++], m, (size_t)r);
 			continue;
@@ -210,6 +217,81 @@ START_TEST(bad_answer_fails_its_message_only)
 }
 END_TEST
 
+/* sp_transport_ready: a clone holding its batch is not done; one that
+ * answered the first of two messages is not done either (and the answer
+ * is kept, not lost); once the second answer has come it is, and recv
+ * returns every result without waiting. */
+START_TEST(ready_only_when_every_answer_came)
+{
+	size_t n = SP_MERGE_MSG_MAX_REQS + 10;
+	struct sp_merge_req *q = requests(n);
+	struct rig g;
+	int tries;
+
+	rig_start(&g, ANSWER_ALL);
+	ck_assert_int_eq(sp_transport_send(&g.t, q, n), 0);
+	usleep(20000);
+	ck_assert_int_eq(sp_transport_ready(&g.t), 0);   /* both held */
+	digest_of_ten(&g);                                /* answers both */
+	ck_assert_int_eq(sp_transport_ready(&g.t), 1);
+	ck_assert_int_eq(sp_transport_recv(&g.t, q, n), 0);
+	for (size_t i = 0; i < n; i++)
+		ck_assert_int_eq(q[i].result, result_of(q[i].page));
+	rig_stop(&g);
+
+	rig_start(&g, FULL_AT_ONCE);
+	for (size_t i = 0; i < n; i++)
+		q[i].result = 12345;
+	ck_assert_int_eq(sp_transport_send(&g.t, q, n), 0);
+	for (tries = 0; tries < 5000 && g.t.nkept - g.t.kept_at < 1; tries++) {
+		ck_assert_int_eq(sp_transport_ready(&g.t), 0);
+		usleep(1000);
+	}
+	ck_assert_uint_eq(g.t.nkept - g.t.kept_at, 1);   /* the first, kept */
+	ck_assert_int_eq(sp_transport_ready(&g.t), 0);   /* the second is held */
+	digest_of_ten(&g);
+	ck_assert_int_eq(sp_transport_ready(&g.t), 1);
+	ck_assert_uint_eq(g.t.nkept - g.t.kept_at, 2);
+	ck_assert_int_eq(sp_transport_recv(&g.t, q, n), 0);
+	for (size_t i = 0; i < n; i++)
+		ck_assert_msg(q[i].result == result_of(q[i].page), "request %zu: %d, not %d", i,
+			      q[i].result, result_of(q[i].page));
+	ck_assert_uint_eq(g.t.nkept, g.t.kept_at);
+
+	/* a batch of one full message: ready once it is answered */
+	ck_assert_int_eq(sp_transport_send(&g.t, q, SP_MERGE_MSG_MAX_REQS), 0);
+	for (tries = 0; tries < 5000 && !sp_transport_ready(&g.t); tries++)
+		usleep(1000);
+	ck_assert_int_eq(sp_transport_ready(&g.t), 1);
+	ck_assert_int_eq(sp_transport_recv(&g.t, q, SP_MERGE_MSG_MAX_REQS), 0);
+	for (size_t i = 0; i < SP_MERGE_MSG_MAX_REQS; i++)
+		ck_assert_int_eq(q[i].result, result_of(q[i].page));
+	rig_stop(&g);
+	free(q);
+}
+END_TEST
+
+/* A clone that died is "ready": recv will not wait for it. */
+START_TEST(ready_when_clone_died)
+{
+	struct sp_merge_req *q = requests(4);
+	struct rig g;
+	int st;
+
+	rig_start(&g, ANSWER_ALL);
+	ck_assert_int_eq(sp_transport_send(&g.t, q, 4), 0);
+	kill(g.pid, SIGKILL);
+	ck_assert_int_eq(waitpid(g.pid, &st, 0), g.pid);
+	ck_assert_int_eq(sp_transport_ready(&g.t), 1);
+	ck_assert_int_eq(sp_transport_recv(&g.t, q, 4), -ESRCH);
+	close(g.t.sock);
+	close(g.t.bell);
+	sp_transport_release(&g.t);
+	free(g.t.msg);
+	free(q);
+}
+END_TEST
+
 /* Nothing can be shipped to a clone that is gone. */
 START_TEST(send_to_dead_clone)
 {
@@ -243,6 +325,8 @@ int main(void)
 	tcase_add_test(tc, clone_dies_mid_batch);
 	tcase_add_test(tc, bad_answer_fails_its_message_only);
 	tcase_add_test(tc, send_to_dead_clone);
+	tcase_add_test(tc, ready_only_when_every_answer_came);
+	tcase_add_test(tc, ready_when_clone_died);
 	suite_add_tcase(s, tc);
 	return sp_test_run(s);
 }
