@@ -128,11 +128,13 @@
  * the other), a pass asks the regions for their changes round robin, one
  * changed() chunk each, instead of draining one region before the next.
  * A flush normally waits until PEND_MAX requests are queued; with the
- * optional merge_ready, the core also looks every FLUSH_IDLE_EVERY pages
- * whether every batch in flight has been answered, and if so flushes what
- * is queued (at least FLUSH_IDLE_MIN requests) at once: the clones are
- * idle, and would otherwise wait for the rest of a slow chunk (one whose
- * pages are read and copied into new frames).
+ * optional merge_ready, the core also looks, at the end of each chunk and
+ * every FLUSH_IDLE_EVERY pages of a slow chunk (one whose pages are read,
+ * to be copied into new frames), whether every batch in flight has been
+ * answered, and if so flushes what is queued (at least FLUSH_IDLE_MIN
+ * requests) at once: the clones are idle, and would otherwise wait for
+ * the rest of the chunk. A fast chunk is not split: its clone would take
+ * its batch in two turns.
  * Items of a batch in flight stay PENDING and their nodes keep their
  * pending references, so nothing above changes: results are accounted
  * exactly as the synchronous path does, only later. The core waits before
@@ -398,6 +400,8 @@ struct sp_merge {
 
 	struct pend *pend;              /* (t) pending batch */
 	size_t npend;                   /* (t) */
+	uint32_t reads_since;           /* (t) candidates read since the last
+					   look at idle clones */
 	struct sp_merge_req *reqs;      /* (t) scratch for ops.merge */
 	bool async;                     /* (c) merge_submit/merge_wait given */
 	struct pend *fl_pend;           /* (t) async: the flush in flight... */
@@ -563,6 +567,7 @@ static int read_item(struct sp_merge *e, const struct sp_item *it, int b,
 {
 	struct sp_merge_region *r = item_region(e, it);
 
+	e->reads_since++;
 	return e->ops.read_page(e->ctx, r->handle, it->page, e->buf[b], out);
 }
 
@@ -1524,6 +1529,7 @@ static void flush(struct sp_merge *e)
 static void flush_if_idle(struct sp_merge *e)
 {
 	TREE_LOCK_ASSERT(e);
+	e->reads_since = 0;
 	if (!e->async || e->ops.merge_ready == NULL || e->npend < FLUSH_IDLE_MIN)
 		return;
 	for (size_t i = 0; i < e->nfl; i++) {
@@ -2032,7 +2038,12 @@ static void step(struct sp_merge *e, uint64_t budget, struct step_res *res)
 				changed_page(e, r, page, e->cit[i], e->csib[i],
 					     asc && e->dig_have != NULL && e->dig_have[i] ?
 					     &e->dig[i] : NULL);
-				if ((i & (FLUSH_IDLE_EVERY - 1)) == FLUSH_IDLE_EVERY - 1)
+				/* within a chunk only when it is slow: one
+				 * whose pages are read (to be copied into
+				 * frames). Splitting a fast chunk's batch
+				 * makes its clone take it in two turns. */
+				if ((i & (FLUSH_IDLE_EVERY - 1)) == FLUSH_IDLE_EVERY - 1 &&
+				    e->reads_since >= FLUSH_IDLE_EVERY / 2)
 					flush_if_idle(e);
 			}
 			flush_if_idle(e);

@@ -86,6 +86,8 @@ static struct {
 	int ready;               /* merge_ready: 0 absent, 1 always done,
 				    2 never done, 3 done every other call */
 	uint64_t ready_calls;
+	void *watch;             /* a region whose batches are counted */
+	uint64_t watch_submits;
 } as;
 
 static int as_submit(void *ctx, void *region, struct sp_merge_req *reqs,
@@ -106,6 +108,7 @@ static int as_submit(void *ctx, void *region, struct sp_merge_req *reqs,
 	as.in[as.nin].reads = st.reads;
 	as.nin++;
 	as.submits++;
+	as.watch_submits += region == as.watch;
 	return 0;
 }
 
@@ -1459,6 +1462,38 @@ START_TEST(test_flush_when_idle)
 }
 END_TEST
 
+/* Within a chunk, idle clones are handed what is queued only while the
+ * chunk is slow (its pages are read): 3 clones, the same 1,024 pages each.
+ * Clone 1's chunk is read (each page makes a frame) and goes out in
+ * pieces; clone 2's, proposed unread, goes out as one batch. */
+START_TEST(test_flush_idle_mid_chunk)
+{
+	struct world w;
+	unsigned char c[PG];
+	uint64_t p;
+	int i;
+
+	as.on = true;
+	as.ready = 1;
+	dig.on = true;
+	world_init(&w, 3, 1024, 64, 1, 32);
+	as.watch = w.vm[2];
+	for (i = 0; i < w.nvm; i++)
+		for (p = 0; p < w.npages; p++) {
+			gen(c, 4000 + p);
+			wr(&w, i, p, 0, c, PG);
+		}
+	ck_assert_int_ge(sp_merge_pass(w.eng), 0);
+	verify(&w, SP_MERGE_CHECK_CONTENT);
+	ck_assert_int_eq(ctl(&w, "stats.merge.pages_predicted") >= 1024, 1);
+	ck_assert_uint_ge(as.submits - as.watch_submits, 4);
+	ck_assert_uint_eq(as.watch_submits, 1);
+	converge(&w);
+	ck_assert_int_eq(saving(&w), achievable(&w));
+	world_fini(&w);
+}
+END_TEST
+
 /* merge_submit and merge_wait come as a pair. */
 START_TEST(test_async_ops_pair)
 {
@@ -1575,6 +1610,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, test_overlap);
 	tcase_add_test(tc, test_async_ops_pair);
 	tcase_add_test(tc, test_flush_when_idle);
+	tcase_add_test(tc, test_flush_idle_mid_chunk);
 	tcase_add_loop_test(tc, test_scanner, 0, 2);
 	suite_add_tcase(s, tc);
 	return s;
