@@ -1125,8 +1125,8 @@ static int op_merge_ready(void *ctx, void *region)
 	(void)ctx;
 	if (!r->send)
 		return 1;   /* applied by submit */
-	if (is_dead(r))
-		return 1;   /* merge_wait will not wait */
+	/* a dead clone's transport says ready itself (the socket's end of
+	 * file): no pidfd poll here, this is asked every 128 pages */
 	return r->ready ? r->ready(r->tctx) : 0;
 }
 
